@@ -1,0 +1,50 @@
+"""Pictures for people: labelled box overlays and sample grids."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+PALETTE = [
+    (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+]
+
+
+def draw_boxes(
+    image: Image.Image,
+    boxes: Sequence[Sequence[float]],
+    labels: Sequence[str],
+    normalized: bool = True,
+    colors: Sequence[tuple[int, int, int]] | None = None,
+) -> Image.Image:
+    """A copy of `image` with each xyxy box outlined and labelled (colour i for box i)."""
+    out = image.convert("RGB")
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default()
+    w, h = out.size
+    width = max(1, round(min(w, h) / 128))
+    for i, (box, label) in enumerate(zip(boxes, labels)):
+        x0, y0, x1, y1 = (box[0] * w, box[1] * h, box[2] * w, box[3] * h) if normalized else box
+        color = (colors or PALETTE)[i % len(colors or PALETTE)]
+        draw.rectangle([x0, y0, x1, y1], outline=color, width=width)
+        tx0, ty0, tx1, ty1 = draw.textbbox((x0, y0), label, font=font)
+        ty = max(0.0, y0 - (ty1 - ty0) - 2)
+        draw.rectangle([x0, ty, x0 + (tx1 - tx0) + 4, ty + (ty1 - ty0) + 2], fill=color)
+        draw.text((x0 + 2, ty), label, fill=(255, 255, 255), font=font)
+    return out
+
+
+def make_grid(images: Sequence[Image.Image], columns: int | None = None, pad: int = 2) -> Image.Image:
+    """Tile images (resized to the first one's size) into a grid, row by row."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    columns = columns or min(len(images), 4)
+    rows = -(-len(images) // columns)
+    w, h = images[0].size
+    grid = Image.new("RGB", (columns * (w + pad) + pad, rows * (h + pad) + pad), (255, 255, 255))
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid.paste(image.convert("RGB").resize((w, h)), (pad + c * (w + pad), pad + r * (h + pad)))
+    return grid
