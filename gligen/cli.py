@@ -1,0 +1,30 @@
+"""`gligen` command line: generate, convert, data, eval. Each subcommand lives beside its code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from gligen.errors import run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gligen", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for register in _registrations():
+        register(subparsers)
+    return parser
+
+
+def _registrations():
+    # Imported here so that `gligen --help` stays fast and each command loads only its own code.
+    return []
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(run_cli(build_parser(), argv))
+
+
+if __name__ == "__main__":
+    main()
