@@ -1,0 +1,121 @@
+"""`detector` command line: detect phrases in images, convert official checkpoints.
+
+    detector detect IMAGE... --phrases "a cat" "a dog" [--model M] [--out result.json] [--overlay DIR]
+    detector convert groundingdino_swint_ogc.pth --out grounding-dino-tiny/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from detector import label, train, verify
+from gligen.draw import draw_boxes
+from gligen.errors import UserError, require, run_cli
+from gligen.files import save_image, write_json
+
+DEFAULT_MODEL = "IDEA-Research/grounding-dino-tiny"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--model, --device, --dtype: shared by every subcommand that runs the detector."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="HF Grounding DINO directory or hub id")
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+
+
+def load_from_args(args: argparse.Namespace):
+    """The `OpenSetDetector` that --model/--device/--dtype name."""
+    from detector.detect import OpenSetDetector
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return OpenSetDetector.from_pretrained(args.model, device=device, dtype=DTYPES[args.dtype])
+
+
+def _overlay_names(paths: Sequence[str]) -> list[str]:
+    """One PNG name per image: its stem, made unique by its position when stems repeat."""
+    stems = [Path(p).stem for p in paths]
+    return [f"{s}.png" if stems.count(s) == 1 else f"{s}_{i}.png" for i, s in enumerate(stems)]
+
+
+def run_detect(args: argparse.Namespace) -> None:
+    from detector.detect import open_image
+
+    require(len(args.phrases) > 0, "--phrases is empty: give at least one phrase to detect")
+    images = [open_image(path) for path in args.images]
+    detector = load_from_args(args)
+    results = detector.detect(
+        images, args.phrases, box_threshold=args.box_threshold, text_threshold=args.text_threshold,
+        phrase_score=args.phrase_score, nms_iou=args.nms_iou, batch_size=args.batch_size,
+    )
+    report = {"model": args.model, "images": [{"image": p, **r.to_dict()} for p, r in zip(args.images, results)]}
+    if args.out:
+        write_json(args.out, report)
+    else:
+        print(json.dumps(report, indent=2))
+    if args.overlay:
+        for image, result, name in zip(images, results, _overlay_names(args.images)):
+            labels = [f"{label} {score:.2f}" for label, score in zip(result.labels, result.scores.tolist())]
+            save_image(Path(args.overlay) / name, draw_boxes(image, result.boxes.tolist(), labels))
+
+
+def register_detect(subparsers) -> None:
+    p = subparsers.add_parser("detect", help="detect phrases in images; JSON out, optional overlays")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--phrases", nargs="*", required=True, help="phrases to detect (each one argument)")
+    add_model_args(p)
+    p.add_argument("--out", help="write the detections as JSON here (default: print them)")
+    p.add_argument("--overlay", help="write one PNG per image with labelled boxes into this directory")
+    p.add_argument("--box-threshold", type=float, default=0.35)
+    p.add_argument("--text-threshold", type=float, default=0.25)
+    p.add_argument("--phrase-score", choices=["max", "mean"], default="max")
+    p.add_argument("--nms-iou", type=float, default=0.5, help="per-phrase NMS IoU; a negative value turns NMS off")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=_detect_command)
+
+
+def _detect_command(args: argparse.Namespace) -> None:
+    if args.nms_iou is not None and args.nms_iou < 0:
+        args.nms_iou = None
+    run_detect(args)
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    from detector.model import convert_official
+
+    out = convert_official(args.src, args.out, config=args.config, tokenizer=args.tokenizer)
+    print(f"wrote {out}")
+
+
+def register_convert(subparsers) -> None:
+    p = subparsers.add_parser("convert", help="official GroundingDINO .pth -> HF checkpoint directory")
+    p.add_argument("src", help="official checkpoint, e.g. groundingdino_swint_ogc.pth")
+    p.add_argument("--out", required=True, help="new directory for the HF checkpoint")
+    p.add_argument("--config", help="config.json or HF directory (default: the matching official release)")
+    p.add_argument("--tokenizer", default="bert-base-uncased", help="BERT tokenizer directory or hub id")
+    p.set_defaults(func=run_convert)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="detector", description="Open-set detection with Grounding DINO.")
+    subparsers = parser.add_subparsers(dest="command")
+    # Each module with subcommands adds one `register(subparsers)` line here.
+    register_detect(subparsers)
+    register_convert(subparsers)
+    verify.register(subparsers)
+    label.register(subparsers)
+    train.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
