@@ -189,6 +189,11 @@ def _entity(raw: Any, where: str, scale: tuple, base_dir: str | os.PathLike | No
     return Entity(phrase.strip(), (x0, y0, x1, y1), image, spans)
 
 
+def entity_from_dict(raw: Any, where: str = "entity") -> Entity:
+    """Validate one entity object with a normalized box (as stored in training shards)."""
+    return _entity(raw, where, (1, 1, 1, 1), None)
+
+
 def load_layouts(path: str | os.PathLike) -> list[Layout]:
     """Read layouts from a `.json` file (one layout or a list) or a `.jsonl` file (one a line)."""
     path = Path(path)

@@ -1,0 +1,123 @@
+"""`gligen data from-coco`: COCO detection data (and captions) to training shards.
+
+Each image becomes one sample whose entities are its non-crowd boxes, the phrase being the
+category name. Without a captions file the caption is empty, as GLIGEN trained on
+detection-only data. With one, the caption is the image's first caption (lowest caption
+id), or with `all_captions` one sample per caption (keys `IMAGEID_CAPTIONID`), each holding
+the image again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from gligen.data.format import Sample, SampleError, load_image, safe_key
+from gligen.data.writer import ShardWriter
+from gligen.errors import UserError
+from gligen.layout import Box, Entity
+
+
+def load_coco_json(path: str | os.PathLike, required: tuple[str, ...]) -> dict[str, Any]:
+    """A COCO-style JSON file with the `required` top-level lists, or a `UserError` naming the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: invalid JSON ({error})") from None
+    for key in required:
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
+            raise UserError(f"{path}: expected a COCO JSON object with a '{key}' list")
+    return data
+
+
+def by_image(annotations: list[dict[str, Any]]) -> dict[Any, list[dict[str, Any]]]:
+    """Annotations grouped by `image_id`, each group in annotation id order."""
+    groups: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for ann in sorted(annotations, key=lambda a: a.get("id", 0)):
+        groups[ann.get("image_id")].append(ann)
+    return groups
+
+
+def coco_box(bbox: Any, width: int, height: int) -> Box | None:
+    """COCO [x, y, w, h] in pixels to normalized xyxy, clipped to the image; None if empty or malformed."""
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return None
+    x0, y0 = max(x, 0.0) / width, max(y, 0.0) / height
+    x1, y1 = min(x + w, width) / width, min(y + h, height) / height
+    if not (x1 > x0 and y1 > y0):
+        return None
+    return (x0, y0, x1, y1)
+
+
+def open_coco_image(entry: dict[str, Any], images_dir: Path) -> tuple[Image.Image, str]:
+    """The image file of a COCO image entry, checked against the entry's width and height."""
+    path = images_dir / str(entry.get("file_name", ""))
+    image = load_image(path)
+    if (image.width, image.height) != (entry.get("width"), entry.get("height")):
+        raise SampleError(
+            str(path), "image size differs from the annotations",
+            f"{image.width}x{image.height} vs {entry.get('width')}x{entry.get('height')}",
+        )
+    return image, str(path)
+
+
+def write_coco_shards(
+    instances: str | os.PathLike,
+    images_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    captions: str | os.PathLike | None = None,
+    all_captions: bool = False,
+    samples_per_shard: int = 1000,
+    image_format: str = "jpg",
+) -> dict[str, Any]:
+    """Convert COCO instances (+ captions) to shards under `out`, resuming; returns the summary."""
+    data = load_coco_json(instances, ("images", "annotations", "categories"))
+    names = {c.get("id"): c.get("name") for c in data["categories"]}
+    boxes_of = by_image(data["annotations"])
+    captions_of = by_image(load_coco_json(captions, ("annotations",))["annotations"]) if captions else None
+    images = sorted(data["images"], key=lambda e: e.get("id", 0))
+    images_dir = Path(images_dir)
+    options = {"command": "from-coco", "instances": str(Path(instances).resolve()),
+               "images": str(images_dir.resolve()), "captions": str(Path(captions).resolve()) if captions else None,
+               "all_captions": all_captions}
+
+    def convert(entry: dict[str, Any]) -> list[Sample]:
+        image, where = open_coco_image(entry, images_dir)
+        entities = []
+        for ann in boxes_of.get(entry.get("id"), []):
+            if ann.get("iscrowd"):
+                writer.drop("crowd annotation (skipped)")
+                continue
+            name = names.get(ann.get("category_id"))
+            box = coco_box(ann.get("bbox"), image.width, image.height)
+            if not isinstance(name, str) or not name.strip():
+                writer.drop("annotation with unknown category", detail=f"{where}: category {ann.get('category_id')}")
+            elif box is None:
+                writer.drop("annotation with empty or malformed box", detail=f"{where}: bbox {ann.get('bbox')}")
+            else:
+                entities.append(Entity(name.strip(), box))
+        if not entities:
+            raise SampleError(where, "image without usable boxes")
+        key = safe_key(entry.get("id"))
+        if captions_of is None:
+            return [Sample(key, image, "", entities)]
+        texts = [c for c in captions_of.get(entry.get("id"), []) if isinstance(c.get("caption"), str)]
+        if not texts:
+            raise SampleError(where, "image without caption")
+        if not all_captions:
+            return [Sample(key, image, texts[0]["caption"].strip(), entities)]
+        return [Sample(f"{key}_{safe_key(c.get('id'))}", image, c["caption"].strip(), entities) for c in texts]
+
+    with ShardWriter(out, options, samples_per_shard, image_format) as writer:
+        writer.consume(images, convert, total=len(images), desc="from-coco")
+    return writer.summary()

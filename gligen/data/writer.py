@@ -1,0 +1,261 @@
+"""A resumable, atomic shard writer shared by every `gligen data` command.
+
+Inputs (images, image-caption pairs, synthetic scenes) are consumed in a fixed order and
+turned into samples, written to `DIR/shard-000000.tar`, `DIR/shard-000001.tar`, ... Each
+shard is written to a hidden temporary file and renamed when full, and only then is
+`DIR/manifest.json` updated with how many inputs are done. A killed run therefore leaves
+complete shards only, and rerunning the same command resumes after the last of them.
+
+What was left out is counted by reason (a whole input: `skip`; part of one, such as a
+crowd annotation: `drop`) and reported at the end, printed and in `DIR/summary.json`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence, TypeVar
+
+import webdataset as wds
+from tqdm import tqdm
+
+from gligen.data.format import Sample, SampleError, encode_sample
+from gligen.errors import UserError
+from gligen.files import write_json
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+MANIFEST = "manifest.json"
+SUMMARY = "summary.json"
+FORMAT_VERSION = 1
+
+
+class ShardWriter:
+    """Write samples into numbered tar shards under `out_dir`, resuming a previous run.
+
+    `options` describes the job (command, sources, flags); resuming with different options
+    is refused, since the inputs done so far would not match.
+
+        with ShardWriter(out, {"command": "shapes", "n": 100}) as writer:
+            writer.consume(items, convert, total=len(items))
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        options: dict[str, Any],
+        samples_per_shard: int = 1000,
+        image_format: str = "jpg",
+    ):
+        if samples_per_shard < 1:
+            raise UserError(f"samples per shard must be at least 1, got {samples_per_shard}")
+        self.out_dir = Path(out_dir)
+        self.samples_per_shard = samples_per_shard
+        self.image_format = image_format
+        self.options = dict(options, samples_per_shard=samples_per_shard, image_format=image_format)
+        self.state = self._load_state()
+        self._pending_inputs = 0
+        self._pending_dropped: Counter = Counter()
+        self._seen_reasons: set[str] = set()
+        self._tar: wds.TarWriter | None = None
+        self._file = None
+        self._shard_samples = 0
+
+    # -- resume ---------------------------------------------------------------------------
+
+    def _load_state(self) -> dict[str, Any]:
+        manifest = self.out_dir / MANIFEST
+        fresh = {"format": FORMAT_VERSION, "options": self.options, "complete": False,
+                 "inputs": 0, "samples": 0, "shards": [], "dropped": {}}
+        if not manifest.is_file():
+            if any(self.out_dir.glob("shard-*.tar")):
+                raise UserError(f"{self.out_dir}: holds shards but no {MANIFEST}; use an empty --out directory")
+            return fresh
+        try:
+            state = json.loads(manifest.read_text())
+        except json.JSONDecodeError as error:
+            raise UserError(f"{manifest}: invalid JSON ({error.msg}); delete the directory to start over") from None
+        previous = state.get("options") or {}
+        if previous != self.options:
+            changes = ", ".join(
+                f"{k}={previous.get(k)!r} (now {self.options.get(k)!r})"
+                for k in sorted(set(previous) | set(self.options)) if previous.get(k) != self.options.get(k)
+            )
+            raise UserError(
+                f"{self.out_dir}: was written with other options: {changes}; "
+                "use another --out directory, or delete this one to start over"
+            )
+        for stale in self.out_dir.glob(".shard-*.tmp"):
+            stale.unlink()  # a shard the previous run did not finish
+        return state
+
+    @property
+    def start(self) -> int:
+        """How many inputs previous runs have finished (they are skipped on resume)."""
+        return self.state["inputs"]
+
+    @property
+    def complete(self) -> bool:
+        return self.state["complete"]
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def consume(
+        self,
+        items: Iterable[T],
+        convert: Callable[[T], Sequence[Sample]],
+        total: int | None = None,
+        desc: str = "writing shards",
+    ) -> None:
+        """Convert and write every input not done yet, with a progress bar.
+
+        `convert` returns the samples of one input (maybe none); a `SampleError` it raises
+        skips the input, counted under the error's reason.
+        """
+        self.consume_batches(items, lambda batch: [attempt(convert, item) for item in batch], total, desc)
+
+    def consume_batches(
+        self,
+        items: Iterable[T],
+        convert_batch: Callable[[list[T]], list[Sequence[Sample] | SampleError]],
+        total: int | None = None,
+        desc: str = "writing shards",
+        batch_size: int = 1,
+    ) -> None:
+        """`consume` for converters that work best on many inputs at once (a detector).
+
+        `convert_batch` returns one result per input: its samples, or the `SampleError` that
+        skips it. Inputs still count one by one, so resuming does not depend on `batch_size`.
+        """
+        if batch_size < 1:
+            raise UserError(f"batch size must be at least 1, got {batch_size}")
+        remaining = iter(itertools.islice(items, self.start, None))
+        with tqdm(total=total, initial=self.start, desc=desc, unit="input") as bar:
+            while batch := list(itertools.islice(remaining, batch_size)):
+                for result in convert_batch(batch):
+                    if isinstance(result, SampleError):
+                        self.skip(result.reason, str(result))
+                    else:
+                        self.write(result)
+                bar.update(len(batch))
+                bar.set_postfix(samples=self.state["samples"] + self._shard_samples, refresh=False)
+
+    def write(self, samples: Sequence[Sample]) -> None:
+        """Write the samples of one input. A shard is closed after the input that fills it, so
+        the samples of one input never straddle two shards (a shard may exceed its size by a few)."""
+        for sample in samples:
+            if self._tar is None:
+                self._open_shard()
+            self._tar.write(encode_sample(sample, self.image_format))
+            self._shard_samples += 1
+        self._pending_inputs += 1
+        if self._shard_samples >= self.samples_per_shard:
+            self._close_shard()
+
+    def skip(self, reason: str, detail: str = "") -> None:
+        """One input left out entirely (counted under `reason`)."""
+        self.drop(reason, detail=detail)
+        self._pending_inputs += 1
+
+    def drop(self, reason: str, count: int = 1, detail: str = "") -> None:
+        """Part of an input left out (an annotation, a caption), counted under `reason`."""
+        self._pending_dropped[reason] += count
+        if reason not in self._seen_reasons:  # show one example of each kind, count the rest
+            self._seen_reasons.add(reason)
+            tqdm.write(f"dropping ({reason}): {detail or '-'}; further ones are only counted", file=sys.stderr)
+
+    def _shard_path(self, index: int, temporary: bool = False) -> Path:
+        name = f"shard-{index:06d}.tar"
+        return self.out_dir / (f".{name}.tmp" if temporary else name)
+
+    def _open_shard(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self._shard_path(len(self.state["shards"]), temporary=True), "wb")
+        # a fixed mtime makes shards byte-identical across runs with the same inputs
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)
+
+    def _close_shard(self) -> None:
+        """Finish the open shard (if any) and commit everything pending to the manifest."""
+        if self._tar is not None:
+            self._tar.close()
+            self._file.close()
+            index = len(self.state["shards"])
+            os.replace(self._shard_path(index, temporary=True), self._shard_path(index))
+            self.state["shards"].append({"name": self._shard_path(index).name, "samples": self._shard_samples})
+            self.state["samples"] += self._shard_samples
+            self._tar = self._file = None
+            self._shard_samples = 0
+        self.state["inputs"] += self._pending_inputs
+        dropped = Counter(self.state["dropped"]) + self._pending_dropped
+        self.state["dropped"] = dict(sorted(dropped.items()))
+        self._pending_inputs = 0
+        self._pending_dropped = Counter()
+        write_json(self.out_dir / MANIFEST, self.state)
+
+    def _abort(self) -> None:
+        """Forget the open shard; the manifest still names the last complete one."""
+        if self._tar is not None:
+            self._tar.close()
+            self._file.close()
+            self._shard_path(len(self.state["shards"]), temporary=True).unlink(missing_ok=True)
+            self._tar = self._file = None
+
+    def close(self) -> dict[str, Any]:
+        """Write the last shard, mark the job complete, print and save the summary."""
+        self._close_shard()
+        if not self.complete:
+            self.state["complete"] = True
+            write_json(self.out_dir / MANIFEST, self.state)
+        summary = self.summary()
+        write_json(self.out_dir / SUMMARY, summary)
+        print(format_summary(summary))
+        return summary
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out_dir),
+            "inputs": self.state["inputs"],
+            "samples": self.state["samples"],
+            "shards": len(self.state["shards"]),
+            "dropped": self.state["dropped"],
+        }
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._abort()
+            print(
+                f"stopped after {len(self.state['shards'])} complete shards; rerun the same command to resume",
+                file=sys.stderr,
+            )
+
+
+def attempt(function: Callable[[T], R], item: T) -> R | SampleError:
+    """`function(item)`, or the `SampleError` it raised."""
+    try:
+        return function(item)
+    except SampleError as error:
+        return error
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """One readable paragraph: what was written and what was dropped, by reason."""
+    lines = [
+        f"wrote {summary['samples']} samples in {summary['shards']} shards to {summary['out']} "
+        f"from {summary['inputs']} inputs"
+    ]
+    if summary["dropped"]:
+        lines.append("dropped:")
+        lines += [f"  {count:>8}  {reason}" for reason, count in summary["dropped"].items()]
+    else:
+        lines.append("dropped: nothing")
+    return "\n".join(lines)
