@@ -5,3 +5,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+# The tiny test models are dominated by per-op overhead: one thread is as fast and keeps
+# two-core machines responsive when several test processes share them.
+torch.set_num_threads(1)

@@ -105,3 +105,19 @@ def randomize_grounding(module: torch.nn.Module, gate: float = 0.8, seed: int = 
                 param.fill_(gate)
             elif "null_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator))
+
+
+def save_tiny_gligen(directory: str | Path, in_channels: int = 4, gate: float = 0.8):
+    """A tiny diffusers `StableDiffusionGLIGENPipeline` (gated UNet, non-zero gates) saved in `directory`/pipe.
+
+    Returns (the pipeline object, the saved directory).
+    """
+    from diffusers import StableDiffusionGLIGENPipeline
+
+    directory = Path(directory)
+    unet = tiny_unet(in_channels, attention_type="gated")
+    randomize_grounding(unet, gate)
+    pipe = StableDiffusionGLIGENPipeline(**tiny_components(directory / "_build", unet), safety_checker=None,
+                                         feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(directory / "pipe")
+    return pipe, directory / "pipe"

@@ -1,0 +1,456 @@
+"""Released GLIGEN weights -> a plain diffusers base + a `GroundingAdapter`.
+
+Two sources:
+- a diffusers GLIGEN UNet (`attention_type` "gated" or "gated-text-image"), alone or inside a
+  pipeline directory: the fusers and the position net move to an adapter, the rest is the base;
+- an official GLIGEN checkpoint (a pickled dict with `model`, `autoencoder`, `text_encoder`,
+  `diffusion`, `config_dict`, LDM key names), read without running code from the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gzip
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
+    LDM_UNET_KEY,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    create_unet_diffusers_config_from_ldm,
+    create_vae_diffusers_config_from_ldm,
+)
+from diffusers.pipelines.stable_diffusion.clip_image_project_model import CLIPImageProjection
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import (
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
+
+from gligen.adapter import GroundingAdapter
+from gligen.errors import UserError
+from gligen.files import write_json
+from gligen.fuser import detach_fusers
+from gligen.safe_pickle import Inert, inert_objects, load_checkpoint
+
+GLIGEN_ATTENTION_TYPES = {"gated": "text-box", "gated-text-image": "text-image-box"}
+TOKENIZER_ASSETS = Path(__file__).parent / "assets" / "clip_tokenizer"
+
+
+def is_grounding_key(key: str) -> bool:
+    """Whether a GLIGEN UNet state-dict key belongs to the adapter (position net or a fuser)."""
+    return key.startswith("position_net.") or ".fuser." in key
+
+
+def split_gligen_unet(
+    unet: UNet2DConditionModel, image_projection: nn.Linear | None = None
+) -> tuple[UNet2DConditionModel, GroundingAdapter]:
+    """A diffusers GLIGEN UNet -> (the plain base UNet, the adapter holding its position net and fusers).
+
+    The UNet is changed in place and returned: its fusers and position net are removed and
+    its config says `attention_type="default"`, so it saves and loads as an ordinary SD UNet;
+    every base weight stays as it was. The plain UNet with the adapter attached computes what
+    the GLIGEN UNet computed. `image_projection` (text-image-box only) is the reference-image
+    projection, diffusers' `CLIPImageProjection.project` of a GLIGEN text-image pipeline; without
+    it the adapter's projection is the identity.
+    """
+    attention_type = unet.config.attention_type
+    if attention_type not in GLIGEN_ATTENTION_TYPES:
+        raise UserError(f"UNet has attention_type {attention_type!r}, not a GLIGEN UNet ('gated' or 'gated-text-image')")
+    feature_type = GLIGEN_ATTENTION_TYPES[attention_type]
+    projection = image_projection.weight if image_projection is not None else None
+    adapter = GroundingAdapter.for_unet(
+        unet, feature_type, positive_len=unet.position_net.positive_len,
+        image_embed_dim=projection.shape[1] if projection is not None else None,
+    )
+    state = {k: v for k, v in unet.state_dict().items() if is_grounding_key(k)}
+    if feature_type == "text-image-box":
+        state["image_projection.weight"] = projection if projection is not None else torch.eye(adapter.config.positive_len)
+    adapter.load_adapter_state_dict(state, where="GLIGEN UNet")
+    detach_fusers(unet)
+    unet.register_to_config(attention_type="default")
+    return unet, adapter.to(device=unet.device, dtype=unet.dtype)
+
+
+# --- official GLIGEN checkpoints ---
+
+# The architecture of every official GLIGEN release (SD-1.4), in the layout of the checkpoint's
+# `config_dict`; the file's own config, when readable, overrides it.
+GLIGEN_SD14_CONFIG = {
+    "model": {"params": {
+        "in_channels": 4, "out_channels": 4, "model_channels": 320, "attention_resolutions": [4, 2, 1],
+        "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4], "num_heads": 8, "transformer_depth": 1,
+        "context_dim": 768,
+    }},
+    "autoencoder": {"params": {"scale_factor": 0.18215, "ddconfig": {
+        "z_channels": 4, "in_channels": 3, "out_ch": 3, "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+    }}},
+    "diffusion": {"params": {"linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000}},
+}
+UNET_PREFIXES = ("time_embed.", "input_blocks.", "middle_block.", "output_blocks.", "out.", "position_net.")
+CLIP_PREFIX = "transformer."  # LDM's FrozenCLIPEmbedder wraps a transformers CLIPTextModel as `transformer`
+
+
+def read_official_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict:
+    """The checkpoint dict of an official GLIGEN release, read without running code from it.
+
+    Raises a UserError when the file is no checkpoint, has no `model` state dict, or keeps
+    its weights in objects that need code to be rebuilt (naming the class it wanted).
+    """
+    checkpoint = load_checkpoint(path, trust_pickle)
+    if isinstance(checkpoint, Inert):
+        raise UserError(f"{path}: the file is a pickled {checkpoint.qualname} object that needs its code to load; "
+                        "use --trust-pickle only if you trust the file")
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path}: not a GLIGEN checkpoint (a pickled {type(checkpoint).__name__}, not a dict)")
+    if "model" not in checkpoint:
+        keys = ", ".join(map(str, list(checkpoint)[:5]))
+        raise UserError(f"{path}: not a GLIGEN checkpoint: no 'model' key (keys: {keys})")
+    for name in ("model", "autoencoder", "text_encoder", "diffusion"):
+        for where, obj in inert_objects(checkpoint.get(name, {}), name):
+            raise UserError(f"{path}: {where} is a pickled {obj.qualname} object that needs its code to load; "
+                            "use --trust-pickle only if you trust the file")
+    model = checkpoint["model"]
+    if not isinstance(model, dict):
+        raise UserError(f"{path}: 'model' is a {type(model).__name__}, not a state dict")
+    key = next((k for k, v in model.items() if not isinstance(v, torch.Tensor)), None)
+    if key is not None:
+        raise UserError(f"{path}: model/{key} is a {type(model[key]).__name__}, not a tensor")
+    return checkpoint
+
+
+def plain_config(obj: Any) -> Any:
+    """A pickled config as plain dicts and lists: OmegaConf containers and nodes, kept inert (or built,
+    with --trust-pickle), unwrap to their `_content` / `_val`; other objects become None."""
+    if isinstance(obj, dict):
+        return {key: plain_config(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain_config(value) for value in obj]
+    if isinstance(obj, (str, int, float, bool, type(None))):
+        return obj
+    state = obj.state if isinstance(obj, Inert) else getattr(obj, "__dict__", None)
+    state = state if isinstance(state, dict) else {}
+    if "_content" in state:  # DictConfig / ListConfig
+        return plain_config(state["_content"])
+    if "_val" in state:  # AnyNode, StringNode, ...
+        return plain_config(state["_val"])
+    return None
+
+
+def gligen_config(checkpoint: dict) -> dict:
+    """The release's config (`config_dict`) as plain data over the SD-1.4 defaults; in_channels from the weights."""
+    config = copy.deepcopy(GLIGEN_SD14_CONFIG)
+    found = plain_config(checkpoint.get("config_dict"))
+    for section in config:
+        params = found.get(section, {}) if isinstance(found, dict) else {}
+        params = params.get("params", {}) if isinstance(params, dict) else {}
+        config[section]["params"].update({k: v for k, v in (params or {}).items() if v is not None})
+    conv_in = checkpoint["model"].get("input_blocks.0.0.weight")
+    if conv_in is not None:
+        config["model"]["params"]["in_channels"] = conv_in.shape[1]  # 9 for the inpainting releases
+    return config
+
+
+def _ldm_config(config: dict) -> dict:
+    """GLIGEN's config in the layout of SD's YAML, which diffusers' single-file helpers read."""
+    autoencoder = config["autoencoder"]["params"]
+    return {"model": {"params": {
+        "unet_config": {"params": config["model"]["params"]},
+        "first_stage_config": {"params": autoencoder},
+        "scale_factor": autoencoder["scale_factor"],
+    }}}
+
+
+def _first_unmapped(source: dict[str, torch.Tensor], converted: dict[str, torch.Tensor]) -> str | None:
+    """The first source key whose tensor the conversion dropped (conversions rename tensors, never copy them)."""
+    used = {t.data_ptr() for t in converted.values()}
+    return next((k for k, t in source.items() if t.numel() and t.data_ptr() not in used), None)
+
+
+def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """load_state_dict naming the first key that does not fit."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        problem = f"no tensor for {missing[0]}" if missing else f"unexpected tensor {unexpected[0]}"
+        raise UserError(f"{where}: keys do not map to the diffusers model: {problem}")
+    for key, value in state.items():
+        if value.shape != own[key].shape:
+            raise UserError(f"{where}: {key} has shape {tuple(value.shape)}, the diffusers model expects {tuple(own[key].shape)}")
+    module.load_state_dict(state)
+
+
+def official_unet(checkpoint: dict, config: dict, where: str = "model") -> UNet2DConditionModel:
+    """The release's `model` (LDM names) as a diffusers GLIGEN UNet (attention_type gated / gated-text-image)."""
+    state = checkpoint["model"]
+    strange = next((k for k in state if not k.startswith(UNET_PREFIXES)), None)
+    if strange is not None:
+        raise UserError(f"{where}: key {strange} does not map to a diffusers UNet")
+    prefixed = {LDM_UNET_KEY + k: v for k, v in state.items() if not k.startswith("position_net.")}
+    unet_config = create_unet_diffusers_config_from_ldm(_ldm_config(config), prefixed)
+    image = any(k.startswith("position_net.linears_image.") for k in state)
+    unet_config["attention_type"] = "gated-text-image" if image else "gated"
+    converted = convert_ldm_unet_checkpoint(prefixed, unet_config)
+    converted.update({k: v for k, v in state.items() if k.startswith("position_net.")})
+    unmapped = _first_unmapped(state, converted)
+    if unmapped is not None:
+        raise UserError(f"{where}: key {unmapped} does not map to a diffusers UNet")
+    unet = UNet2DConditionModel(**unet_config)
+    _load_strict(unet, converted, where)
+    return unet.eval()
+
+
+def official_vae(checkpoint: dict, config: dict, where: str = "autoencoder") -> AutoencoderKL:
+    """The release's `autoencoder` (LDM names) as a diffusers AutoencoderKL."""
+    state = _section(checkpoint, "autoencoder", where)
+    vae_config = create_vae_diffusers_config_from_ldm(_ldm_config(config), state)
+    converted = convert_ldm_vae_checkpoint(state, vae_config)
+    unmapped = _first_unmapped(state, converted)
+    if unmapped is not None:
+        raise UserError(f"{where}: key {unmapped} does not map to a diffusers AutoencoderKL")
+    vae = AutoencoderKL(**vae_config)
+    _load_strict(vae, converted, where)
+    return vae.eval()
+
+
+def official_text_encoder(checkpoint: dict, where: str = "text_encoder") -> CLIPTextModel:
+    """The release's `text_encoder` (LDM FrozenCLIPEmbedder: `transformer.text_model.*`) as a CLIPTextModel.
+
+    The architecture follows from the tensor shapes; heads are OpenAI CLIP's 64 dims each.
+    """
+    state = _section(checkpoint, "text_encoder", where)
+    strange = next((k for k in state if not k.startswith(CLIP_PREFIX + "text_model.")), None)
+    if strange is not None:
+        raise UserError(f"{where}: key {strange} does not map to a CLIPTextModel")
+    state = {k[len(CLIP_PREFIX):]: v for k, v in state.items() if not k.endswith("embeddings.position_ids")}
+    try:
+        vocab, hidden = state["text_model.embeddings.token_embedding.weight"].shape
+        layers = len({k.split(".")[3] for k in state if k.startswith("text_model.encoder.layers.")})
+        config = CLIPTextConfig(
+            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+            intermediate_size=state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+            max_position_embeddings=state["text_model.embeddings.position_embedding.weight"].shape[0],
+            hidden_act="quick_gelu", projection_dim=hidden,
+            bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
+        )
+    except KeyError as error:
+        raise UserError(f"{where}: no tensor {CLIP_PREFIX}{error.args[0]}") from None
+    model = CLIPTextModel(config)
+    if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers >= 5.6 flattened it
+        state = {k[len("text_model."):]: v for k, v in state.items()}
+    _load_strict(model, state, where)
+    return model.eval()
+
+
+def official_scheduler(checkpoint: dict, config: dict) -> DDIMScheduler:
+    """DDIM with the release's training noise schedule (LDM 'linear' = diffusers 'scaled_linear').
+
+    The betas come from the `diffusion` buffers when present, else from the config.
+    """
+    params = config["diffusion"]["params"]
+    betas = checkpoint.get("diffusion", {}).get("betas") if isinstance(checkpoint.get("diffusion"), dict) else None
+    if betas is not None:
+        betas = betas.double()
+        start, end, steps = betas[0].item(), betas[-1].item(), len(betas)
+    else:
+        start, end, steps = params["linear_start"], params["linear_end"], params["timesteps"]
+    kwargs = dict(num_train_timesteps=steps, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    scaled = torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float64) ** 2
+    if betas is not None and not torch.allclose(scaled, betas, rtol=1e-5, atol=1e-8):
+        return DDIMScheduler(trained_betas=betas.tolist(), **kwargs)
+    return DDIMScheduler(beta_start=start, beta_end=end, beta_schedule="scaled_linear", **kwargs)
+
+
+def bundled_clip_tokenizer(directory: Path) -> CLIPTokenizer:
+    """OpenAI CLIP's tokenizer from the files shipped with this package (official releases carry none)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        with gzip.open(TOKENIZER_ASSETS / f"{name}.gz") as source, open(directory / name, "wb") as target:
+            shutil.copyfileobj(source, target)
+    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=77)
+
+
+def _section(checkpoint: dict, name: str, where: str) -> dict[str, torch.Tensor]:
+    section = checkpoint.get(name)
+    if not isinstance(section, dict):
+        raise UserError(f"{where}: the checkpoint has no '{name}' state dict, needed for --full")
+    return section
+
+
+def clip_image_side(clip: str) -> tuple[nn.Linear, CLIPVisionModelWithProjection, CLIPImageProcessor]:
+    """From a CLIP model (directory or hub id): the reference-image projection of text-image-box
+    GLIGEN (the transposed text projection, image embedding -> text embedding space), the vision
+    encoder and its image processor."""
+    try:
+        model = CLIPModel.from_pretrained(clip).eval()
+        processor = CLIPImageProcessor.from_pretrained(clip)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{clip}: cannot load a CLIP model ({str(error).splitlines()[0]})") from None
+    text_projection = model.text_projection.weight  # (projection_dim, text hidden)
+    projection = nn.Linear(text_projection.shape[0], text_projection.shape[1], bias=False)
+    projection.weight.data.copy_(text_projection.detach().T)
+    vision_config = copy.deepcopy(model.config.vision_config)
+    vision_config.projection_dim = model.config.projection_dim
+    encoder = CLIPVisionModelWithProjection(vision_config)
+    encoder.vision_model.load_state_dict(model.vision_model.state_dict())
+    encoder.visual_projection.load_state_dict(model.visual_projection.state_dict())
+    return projection, encoder.eval(), processor
+
+
+@contextlib.contextmanager
+def output_directory(out: Path) -> Iterator[Path]:
+    """A fresh temporary directory beside `out`, renamed to `out` only when the block succeeds."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists and is not empty; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _save_pipeline(directory: Path, vae, text_encoder, tokenizer, unet, scheduler) -> None:
+    """Write a plain diffusers StableDiffusionPipeline directory (no safety checker)."""
+    StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(directory)
+
+
+def convert_official(
+    path: str | os.PathLike, out: str | os.PathLike, full: bool = False, trust_pickle: bool = False,
+    clip: str | None = None,
+) -> Path:
+    """An official GLIGEN checkpoint -> `out`/adapter, and with `full` a StableDiffusionPipeline in `out`.
+
+    `clip` (a CLIP model directory or hub id, e.g. openai/clip-vit-large-patch14) gives a
+    text-image-box release its reference-image projection and, with `full`, `out`/image_encoder.
+    """
+    out = Path(out)
+    checkpoint = read_official_checkpoint(path, trust_pickle)
+    config = gligen_config(checkpoint)
+    with output_directory(out) as tmp, tqdm(total=5 if full else 2, desc="convert", unit="step") as progress:
+        unet = official_unet(checkpoint, config, f"{path} [model]")
+        progress.update()
+        projection = encoder = processor = None
+        if unet.config.attention_type == "gated-text-image":
+            if clip is not None:
+                projection, encoder, processor = clip_image_side(clip)
+            else:
+                warnings.warn("text-image-box release converted without --clip: the adapter's image projection "
+                              "is the identity, so reference images need a re-run with --clip", stacklevel=2)
+        unet, adapter = split_gligen_unet(unet, projection)
+        adapter.save_pretrained(tmp / "adapter")
+        progress.update()
+        if not full:
+            return out
+        vae = official_vae(checkpoint, config, f"{path} [autoencoder]")
+        progress.update()
+        text_encoder = official_text_encoder(checkpoint, f"{path} [text_encoder]")
+        progress.update()
+        with tempfile.TemporaryDirectory() as files:
+            tokenizer = bundled_clip_tokenizer(Path(files))
+            _save_pipeline(tmp, vae, text_encoder, tokenizer, unet, official_scheduler(checkpoint, config))
+        if encoder is not None:
+            encoder.save_pretrained(tmp / "image_encoder")
+            processor.save_pretrained(tmp / "image_encoder")
+        progress.update()
+    return out
+
+
+# --- diffusers GLIGEN pipelines and UNets ---
+
+
+def convert_diffusers(source: str | os.PathLike, out: str | os.PathLike, full: bool = False) -> Path:
+    """A diffusers GLIGEN pipeline or UNet directory -> `out`/adapter + `out`/unet (the plain base);
+    with `full` (pipelines only) `out` is a whole plain StableDiffusionPipeline directory."""
+    source, out = Path(source), Path(out)
+    pipeline = (source / "model_index.json").is_file()
+    if full and not pipeline:
+        raise UserError(f"{source}: --full needs a diffusers pipeline directory (with model_index.json), not a UNet")
+    index = json.loads((source / "model_index.json").read_text()) if pipeline else {}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(source / "unet" if pipeline else source).eval()
+        projection = None
+        if "image_project" in index:
+            projection = CLIPImageProjection.from_pretrained(source / "image_project").project
+    except (OSError, ValueError) as error:
+        raise UserError(f"{source}: cannot load the GLIGEN UNet ({str(error).splitlines()[0]})") from None
+    unet, adapter = split_gligen_unet(unet, projection)
+    with output_directory(out) as tmp:
+        adapter.save_pretrained(tmp / "adapter")
+        unet.save_pretrained(tmp / "unet")
+        if full:
+            _copy_plain_pipeline(source, index, tmp)
+    return out
+
+
+def _copy_plain_pipeline(source: Path, index: dict, out: Path) -> None:
+    """The components of a GLIGEN pipeline directory other than its UNet, copied as files under a
+    StableDiffusionPipeline `model_index.json`; a text-image pipeline's image encoder and
+    processor go to `out`/image_encoder together."""
+    for name in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        if name not in index or not (source / name).is_dir():
+            raise UserError(f"{source}: the pipeline has no {name}")
+        shutil.copytree(source / name, out / name)
+    if "image_encoder" in index:
+        shutil.copytree(source / "image_encoder", out / "image_encoder")
+        CLIPImageProcessor.from_pretrained(source / "processor").save_pretrained(out / "image_encoder")
+    plain = {key: value for key, value in index.items() if key.startswith("_") or key in
+             ("vae", "text_encoder", "tokenizer", "scheduler")}
+    plain.update(_class_name="StableDiffusionPipeline", unet=["diffusers", "UNet2DConditionModel"],
+                 safety_checker=[None, None], feature_extractor=[None, None], image_encoder=[None, None],
+                 requires_safety_checker=False)
+    write_json(out / "model_index.json", plain)
+
+
+# --- command line ---
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert", help="official GLIGEN checkpoint or diffusers GLIGEN model -> base + grounding adapter",
+        description="Convert released GLIGEN weights. Writes OUT/adapter (adapter_config.json + adapter.safetensors); "
+                    "from a diffusers GLIGEN pipeline or UNet also OUT/unet (the plain base UNet); with --full, OUT is "
+                    "a complete diffusers StableDiffusionPipeline directory (use: gligen generate --model OUT "
+                    "--adapter OUT/adapter).",
+    )
+    parser.add_argument("source", metavar="SRC", help="official GLIGEN .bin/.pth file, or a diffusers GLIGEN "
+                        "pipeline or UNet directory (attention_type gated / gated-text-image)")
+    parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    parser.add_argument("--full", action="store_true", help="write the whole pipeline (UNet, VAE, text encoder, "
+                        "tokenizer, scheduler) so nothing else needs downloading")
+    parser.add_argument("--trust-pickle", action="store_true", help="let the checkpoint's pickle run code: only "
+                        "for files that cannot be read otherwise, and only if you trust them")
+    parser.add_argument("--clip", help="CLIP model (directory or hub id) for an official text-image-box release: "
+                        "its reference-image projection and image encoder")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> None:
+    source = Path(args.source)
+    if source.is_dir():
+        out = convert_diffusers(source, args.out, args.full)
+    else:
+        out = convert_official(source, args.out, args.full, args.trust_pickle, args.clip)
+    print(f"wrote {out}")

@@ -1,0 +1,280 @@
+"""`gligen generate`: images from box layouts.
+
+    gligen generate --model M [--adapter A] --layout layouts.jsonl --out DIR [--overlay] [--verify]
+    gligen generate --model M --layout-from photo.jpg --caption "a cat on a sofa" --out DIR
+
+Layout NAME (its "name" key, else the layout file's stem, numbered when the file holds several)
+gives DIR/NAME.png, DIR/NAME.overlay.png (--overlay) and DIR/NAME.json: the layout as generated,
+its seed, the model, the adapter and the settings (and with --verify or --best-of the per-entity
+verification by the detector). Every layout is validated before anything is generated; layouts
+already done (NAME.png and NAME.json exist) are skipped, so a stopped run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import re
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from gligen.draw import draw_boxes
+from gligen.errors import UserError, require
+from gligen.files import save_image, write_json
+from gligen.layout import MAX_ENTITIES, Entity, Layout, load_layouts
+from gligen.schedule import DEFAULT_SCHEDULE, parse_schedule, schedule_from_beta
+
+_NAME = re.compile(r"^[\w.-]+$")
+
+
+@dataclass
+class Job:
+    """One layout to generate and the file stem its outputs take."""
+
+    name: str
+    layout: Layout
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("generate", help="generate images from box layouts", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="diffusers SD or GLIGEN pipeline directory or hub id")
+    parser.add_argument("--adapter", help="adapter directory (adapter.safetensors + adapter_config.json)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--layout", help="layout file: .json (one layout or a list) or .jsonl")
+    source.add_argument("--layout-from", metavar="IMAGE", help="take the layout of this image (detector)")
+    parser.add_argument("--caption", help="with --layout-from: the caption whose noun phrases are located")
+    parser.add_argument("--phrases", nargs="+", help="with --layout-from: the phrases to locate")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    schedule = parser.add_mutually_exclusive_group()
+    schedule.add_argument("--beta", type=float, help="grounding for the first beta of the steps (beta,0,1-beta)")
+    schedule.add_argument("--schedule", help="scheduled sampling a,b,c (default 0.3,0,0.7)")
+    parser.add_argument("--seed", type=int, help="seed for every layout (default: each layout's own)")
+    parser.add_argument("--scheduler", help="ddim, pndm, euler, euler_a, dpmpp, lms, unipc, ... (default: the model's)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, else fp32")
+    parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    parser.add_argument("--batch-size", type=int, default=1, help="layouts per batch (default 1)")
+    parser.add_argument("--overlay", action="store_true", help="also write NAME.overlay.png with the labelled boxes")
+    parser.add_argument("--max-entities", type=int, default=MAX_ENTITIES,
+                        help=f"keep at most this many entities, the largest (default {MAX_ENTITIES})")
+    parser.add_argument("--image-encoder", help="CLIP vision directory or hub id for reference images")
+    parser.add_argument("--inpaint-image", help="image to repaint inside the boxes (inpainting models)")
+    parser.add_argument("--attention", choices=["sdpa", "xformers"], default="sdpa")
+    parser.add_argument("--verify", action="store_true", help="check each image against its layout with the detector")
+    parser.add_argument("--best-of", type=int, default=1, metavar="N",
+                        help="generate N candidates per layout (seeds seed..seed+N-1), keep the best verified one")
+    parser.add_argument("--detector", help="Grounding DINO directory or hub id for --verify/--best-of/--layout-from")
+    parser.add_argument("--iou-threshold", type=float, default=0.5, help="IoU for an entity to pass verification")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from gligen.pipeline import GligenPipeline, open_image, parse_dtype
+
+    schedule = _schedule(args)
+    _check_numbers(args)
+    device = _device(args.device)
+    dtype = parse_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"))
+    inpaint_image = open_image(args.inpaint_image) if args.inpaint_image else None
+    jobs = None if args.layout_from else _jobs(args.layout)  # validated before any model loads
+    detector_name = _detector_name(args)
+    detector = _detector(detector_name, device) if detector_name else None
+    if jobs is None:
+        jobs = _layout_from_image(args, detector)
+    jobs = [Job(job.name, _prepared(job.layout, args)) for job in jobs]
+    for job in jobs:
+        for entity in job.layout.entities:
+            if entity.image:
+                open_image(entity.image)
+    out = Path(args.out)
+    todo = [job for job in jobs if not ((out / f"{job.name}.png").is_file() and (out / f"{job.name}.json").is_file())]
+    if len(todo) < len(jobs):
+        print(f"{len(jobs) - len(todo)} of {len(jobs)} layouts already done in {out}; skipping them", file=sys.stderr)
+    if not todo:
+        return
+
+    pipeline = GligenPipeline.from_pretrained(
+        args.model, args.adapter, device=device, dtype=dtype, scheduler=args.scheduler,
+        image_encoder=args.image_encoder, attention=args.attention,
+    )
+    pipeline.validate([job.layout for job in todo], inpainting=inpaint_image is not None)
+    settings = {
+        "steps": args.steps, "guidance": args.guidance, "schedule": list(schedule),
+        "scheduler": type(pipeline.scheduler).__name__, "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device), "max_entities": args.max_entities, "image_encoder": args.image_encoder,
+        "inpaint_image": args.inpaint_image, "attention": args.attention, "best_of": args.best_of,
+        "detector": detector_name, "iou_threshold": args.iou_threshold if detector_name else None,
+    }
+    call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, schedule=schedule,
+                inpaint_image=inpaint_image, max_entities=args.max_entities)
+    bar = tqdm(total=len(todo), desc="generate", unit="image")
+    for batch in _batches(todo, args.batch_size):
+        layouts = [job.layout for job in batch]
+        candidates = [_candidates(pipeline, layouts, k, call, detector, args) for k in range(args.best_of)]
+        for i, job in enumerate(batch):
+            _write(out, job, [round_[i] for round_ in candidates], args, settings)
+        bar.update(len(batch))
+    bar.close()
+
+
+# --- inputs ---
+
+
+def _schedule(args: argparse.Namespace):
+    if args.beta is not None:
+        return schedule_from_beta(args.beta)
+    return parse_schedule(args.schedule) if args.schedule else DEFAULT_SCHEDULE
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    require(args.steps >= 1, f"--steps must be at least 1, got {args.steps}")
+    require(args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}")
+    require(args.max_entities >= 1, f"--max-entities must be at least 1, got {args.max_entities}")
+    require(args.best_of >= 1, f"--best-of must be at least 1, got {args.best_of}")
+    require(args.seed is None or args.seed >= 0, f"--seed must be non-negative, got {args.seed}")
+    require(not (args.caption or args.phrases) or args.layout_from, "--caption and --phrases go with --layout-from")
+    require(not args.layout_from or bool(args.caption) != bool(args.phrases),
+            "--layout-from needs either --caption or --phrases")
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device") from None
+    require(device.type != "cuda" or torch.cuda.is_available(), f"--device {name}: CUDA is not available")
+    return device
+
+
+def _jobs(path: str) -> list[Job]:
+    """The layouts of a file with their output names (checked: safe file names, no repeats)."""
+    layouts = load_layouts(path)
+    stem = Path(path).stem
+    names = [
+        layout.meta.get("name") or (stem if len(layouts) == 1 else f"{stem}_{i:04d}")
+        for i, layout in enumerate(layouts)
+    ]
+    for i, name in enumerate(names):
+        require(isinstance(name, str) and bool(_NAME.match(name)),
+                f"{path} layout {i}: 'name' {name!r} must be a file name of letters, digits, '_', '-', '.'")
+        require(names.index(name) == i, f"{path} layout {i}: name {name!r} repeats layout {names.index(name)}")
+    return [Job(name, layout) for name, layout in zip(names, layouts)]
+
+
+def _prepared(layout: Layout, args: argparse.Namespace) -> Layout:
+    """The layout as generated: --seed applied, at most --max-entities entities (the largest)."""
+    if args.seed is not None:
+        layout = replace(layout, seed=args.seed)
+    return layout.keep_largest(args.max_entities)
+
+
+def _detector_name(args: argparse.Namespace) -> str | None:
+    """The detector to load (--detector, else the default), or None when no option needs one."""
+    from detector.cli import DEFAULT_MODEL
+
+    needed = args.verify or args.best_of > 1 or args.layout_from
+    return (args.detector or DEFAULT_MODEL) if needed else None
+
+
+def _detector(name: str, device: torch.device):
+    from detector.detect import OpenSetDetector
+
+    return OpenSetDetector.from_pretrained(name, device=device)
+
+
+def _layout_from_image(args: argparse.Namespace, detector) -> list[Job]:
+    """One job: the layout the detector finds in --layout-from (caption noun phrases, or --phrases)."""
+    from detector.label import label
+    from gligen.pipeline import open_image
+
+    image = open_image(args.layout_from)
+    if args.caption:
+        layout = label(detector, image, args.caption)
+    else:
+        layout = layout_of_phrases(detector, image, args.phrases)
+    require(bool(layout.entities), f"{args.layout_from}: the detector found none of the phrases")
+    return [Job(Path(args.layout_from).stem, replace(layout, meta={**layout.meta, "source": args.layout_from}))]
+
+
+def layout_of_phrases(detector, image: Image.Image, phrases: Sequence[str], prompt: str | None = None) -> Layout:
+    """A layout of `image`: each phrase at its best-scoring detection; phrases not found are left out."""
+    phrases = [p.strip() for p in phrases]
+    require(all(phrases), "--phrases: empty phrase")
+    detections = detector.detect(image, phrases)[0]
+    best: dict[int, int] = {}
+    for k in detections.scores.argsort(descending=True).tolist():
+        best.setdefault(int(detections.phrase_ids[k]), k)
+    entities = tuple(Entity(p, tuple(detections.boxes[best[i]].tolist())) for i, p in enumerate(phrases) if i in best)
+    width, height = (max(8, round(side / 8) * 8) for side in image.size)
+    return Layout(prompt or ", ".join(phrases), entities, width=width, height=height)
+
+
+def _batches(jobs: Sequence[Job], batch_size: int):
+    """Chunks of at most `batch_size` jobs of one image size."""
+    size = lambda job: (job.layout.width, job.layout.height)  # noqa: E731
+    for _, group in itertools.groupby(sorted(jobs, key=size), key=size):
+        group = list(group)
+        for start in range(0, len(group), batch_size):
+            yield group[start:start + batch_size]
+
+
+# --- generation ---
+
+
+@dataclass
+class Candidate:
+    layout: Layout
+    image: Image.Image
+    verification: Any = None  # detector.verify.Verification with --verify / --best-of
+
+    @property
+    def score(self) -> tuple[float, float]:
+        """Instance success rate, then mean IoU: what --best-of maximises."""
+        return (self.verification.success_rate, self.verification.mean_iou) if self.verification else (0.0, 0.0)
+
+
+def _candidates(pipeline, layouts: list[Layout], k: int, call: dict, detector, args) -> list[Candidate]:
+    """Candidate `k` of each layout: seed + k; verified when a detector is loaded."""
+    from detector.verify import verify_batch
+
+    layouts = [replace(layout, seed=layout.seed + k) for layout in layouts]
+    images = pipeline(layouts, **call)
+    candidates = [Candidate(layout, image) for layout, image in zip(layouts, images)]
+    if detector is not None and (args.verify or args.best_of > 1):
+        for candidate, check in zip(candidates, verify_batch(detector, images, layouts, args.iou_threshold)):
+            candidate.verification = check
+    return candidates
+
+
+def _write(out: Path, job: Job, candidates: list[Candidate], args, settings: dict) -> None:
+    """NAME.png, NAME.overlay.png and NAME.json of the best candidate (the first on ties); the JSON last."""
+    best = max(candidates, key=lambda c: c.score)  # max keeps the first of equal scores
+    save_image(out / f"{job.name}.png", best.image)
+    if args.overlay:
+        save_image(out / f"{job.name}.overlay.png", draw_boxes(best.image, best.layout.boxes, best.layout.phrases))
+    record: dict[str, Any] = {
+        "image": f"{job.name}.png",
+        "overlay": f"{job.name}.overlay.png" if args.overlay else None,
+        "seed": best.layout.seed,
+        "layout": best.layout.to_dict(),
+        "model": args.model,
+        "adapter": args.adapter,
+        "settings": settings,
+    }
+    if best.verification is not None:
+        record["verification"] = best.verification.to_dict()
+    if len(candidates) > 1:
+        record["candidates"] = [
+            {"seed": c.layout.seed, "success_rate": c.score[0], "mean_iou": c.score[1]} for c in candidates
+        ]
+    write_json(out / f"{job.name}.json", record)
