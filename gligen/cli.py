@@ -19,7 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _registrations():
     # Imported here so that `gligen --help` stays fast and each command loads only its own code.
-    return []
+    from gligen.convert import register as convert
+    from gligen.data.cli import register as data
+    from gligen.eval.cli import register as evaluate
+    from gligen.generate import register as generate
+
+    return [generate, convert, data, evaluate]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,0 +1,1 @@
+"""GLIP-style evaluation: generate from held-out layouts, detect the phrases, score AP and layout success."""

@@ -1,0 +1,170 @@
+"""`gligen eval generate|score`: the GLIGEN paper's layout-to-image evaluation from the command line.
+
+Layout filters of the literature (LostGAN, LAMA): `--min-area 0.02 --min-objects 3 --max-objects 8`.
+
+    gligen eval generate --annotations instances_val2017.json --captions captions_val2017.json \\
+        --model runwayml/stable-diffusion-v1-5 --adapter my_adapter --out run/
+    gligen eval score --annotations run/layouts.jsonl --out run/score            # generated images
+    gligen eval score --annotations instances_val2017.json --images val2017 --real-images --out real/
+    gligen eval score --annotations gt.json --detections dt.json --out scores/   # no model
+
+`accelerate launch -m gligen.cli eval generate ...` splits generation over processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from detector.cli import DEFAULT_MODEL as DEFAULT_DETECTOR
+from gligen.errors import UserError
+from gligen.eval.annotations import EvalSet, Filters, load_eval_set
+from gligen.layout import MAX_ENTITIES
+
+DTYPES = ("fp32", "fp16", "bf16")  # gligen.pipeline.parse_dtype's names, as `gligen generate` takes them
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `eval` with its subcommands `generate` and `score` to a `gligen` parser."""
+    parser = subparsers.add_parser("eval", help="generate from held-out layouts and score them (AP, layout success)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="eval_command", metavar="COMMAND")
+
+    generate = commands.add_parser("generate", help="one image per layout of an evaluation set (resumable)")
+    _add_eval_set_arguments(generate)
+    generate.add_argument("--model", required=True, help="diffusers SD or GLIGEN pipeline: directory or hub id")
+    generate.add_argument("--adapter", help="grounding adapter directory (when --model is a plain SD pipeline)")
+    generate.add_argument("--scheduler", help="ddim, euler_a, dpmpp, ... or a diffusers class (default: the model's)")
+    generate.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    schedule = generate.add_mutually_exclusive_group()
+    schedule.add_argument("--beta", type=float, help="grounding for the first beta of the steps: beta,0,1-beta")
+    schedule.add_argument("--schedule", help="scheduled sampling a,b,c (default 0.3,0,0.7)")
+    generate.add_argument("--seed", type=int, default=0, help="base seed; each image's seed comes from it and its id")
+    generate.add_argument("--batch-size", type=int, default=1)
+    generate.add_argument("--size", type=int, default=512, help="generated image width and height (default 512)")
+    _add_device_arguments(generate, cuda_dtype="fp16")
+    generate.add_argument("--out", required=True, help="folder for the images and layouts.jsonl")
+    generate.set_defaults(func=_generate)
+
+    score = commands.add_parser("score", help="detect the layout phrases, COCO/LVIS AP, success rate, reports")
+    _add_eval_set_arguments(score)
+    score.add_argument("--images", help="folder of the images to score (default: the folder of a layouts .jsonl)")
+    score.add_argument("--real-images", action="store_true",
+                       help="score the dataset's own images (each record's file_name under --images)")
+    score.add_argument("--detections", help="COCO results JSON to score against --annotations, without a model")
+    score.add_argument("--detector", default=DEFAULT_DETECTOR,
+                       help=f"Grounding DINO directory or hub id (default {DEFAULT_DETECTOR})")
+    score.add_argument("--box-threshold", type=float, default=0.05,
+                       help="detections kept for AP (default 0.05: low, for the whole precision-recall curve)")
+    score.add_argument("--text-threshold", type=float, default=0.05)
+    score.add_argument("--verify-threshold", type=float, default=0.35, help="box threshold of the layout checks")
+    score.add_argument("--iou-threshold", type=float, default=0.5, help="IoU for an entity to count as placed")
+    score.add_argument("--batch-size", type=int, default=4)
+    score.add_argument("--samples", type=int, default=16, help="images in the samples grid")
+    score.add_argument("--fid-reference", help="folder of real images: adds FID (needs torch-fidelity)")
+    score.add_argument("--inception-weights", help="torch-fidelity Inception weights file, for FID")
+    score.add_argument("--clip-model", help="CLIP model directory: adds CLIP score")
+    _add_device_arguments(score, cuda_dtype="fp32")  # AP: full precision; the detector is cheap
+    score.add_argument("--out", required=True, help="folder for the reports")
+    score.set_defaults(func=_score)
+
+
+def _add_eval_set_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--annotations", required=True,
+                        help="COCO / LVIS instances .json, or a layouts .jsonl (e.g. the one `generate` writes)")
+    parser.add_argument("--captions", help="COCO captions .json: each image's first caption is its prompt")
+    parser.add_argument("--min-objects", type=int, default=1,
+                        help="skip images with fewer boxes, after filtering (default 1)")
+    parser.add_argument("--max-objects", type=int, help="skip images with more boxes (after filtering)")
+    parser.add_argument("--min-area", type=float, default=0.0, help="drop boxes under this fraction of the image")
+    parser.add_argument("--keep-crowd", action="store_true", help="keep COCO crowd annotations as entities")
+    parser.add_argument("--max-entities", type=int, default=MAX_ENTITIES, help="keep the largest N boxes")
+    parser.add_argument("--limit", type=int, help="only the first N images")
+
+
+def _add_device_arguments(parser: argparse.ArgumentParser, cuda_dtype: str) -> None:
+    parser.add_argument("--device", help="torch device (default: this process's accelerate device)")
+    parser.add_argument("--dtype", choices=DTYPES, help=f"default: {cuda_dtype} on CUDA, else fp32")
+    parser.set_defaults(cuda_dtype=cuda_dtype)
+
+
+def _eval_set(args: argparse.Namespace, size: int = 512) -> EvalSet:
+    if args.min_objects < 1 or args.max_entities < 1 or not 0.0 <= args.min_area < 1.0:
+        raise UserError("filters: need --min-objects >= 1, --max-entities >= 1 and 0 <= --min-area < 1")
+    if args.max_objects is not None and args.max_objects < args.min_objects:
+        raise UserError(f"filters: --max-objects {args.max_objects} is below --min-objects {args.min_objects}")
+    filters = Filters(args.min_objects, args.max_objects, args.min_area, not args.keep_crowd, args.max_entities)
+    return load_eval_set(args.annotations, args.captions, filters, size, args.limit)
+
+
+def _device(args: argparse.Namespace) -> str:
+    from accelerate import PartialState
+
+    return args.device or str(PartialState().device)
+
+
+def _dtype(args: argparse.Namespace):
+    from gligen.pipeline import parse_dtype
+
+    return parse_dtype(args.dtype or (args.cuda_dtype if _device(args).startswith("cuda") else "fp32"))
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from gligen.eval.generate import generate
+
+    if args.size <= 0 or args.size % 8:
+        raise UserError(f"--size must be a positive multiple of 8, got {args.size}")
+    if args.steps < 1 or args.batch_size < 1:
+        raise UserError("--steps and --batch-size must be at least 1")
+    eval_set = _eval_set(args, args.size)  # bad input fails before the model loads
+    from gligen.pipeline import GligenPipeline
+    from gligen.schedule import DEFAULT_SCHEDULE, parse_schedule, schedule_from_beta
+
+    if args.beta is not None:
+        schedule = schedule_from_beta(args.beta)
+    else:
+        schedule = parse_schedule(args.schedule) if args.schedule else DEFAULT_SCHEDULE
+    pipeline = GligenPipeline.from_pretrained(args.model, adapter=args.adapter, device=_device(args),
+                                              dtype=_dtype(args), scheduler=args.scheduler)
+    generate(pipeline, eval_set.records, args.out, base_seed=args.seed, batch_size=args.batch_size,
+             num_inference_steps=args.steps, guidance_scale=args.guidance, schedule=schedule)
+
+
+def _score(args: argparse.Namespace) -> None:
+    from gligen.eval import score
+
+    if args.detections:
+        if args.real_images or args.images:
+            raise UserError("--detections scores a results file alone; drop --images / --real-images")
+        score.score_files(args.annotations, args.detections, args.out)
+        return
+    eval_set = _eval_set(args)
+    images = args.images or (Path(args.annotations).parent if args.annotations.endswith(".jsonl") else None)
+    if images is None:
+        raise UserError(f"{args.annotations}: give --images, the folder of the images to score")
+    settings = score.ScoreSettings(args.box_threshold, args.text_threshold, args.verify_threshold,
+                                   args.iou_threshold, args.batch_size, args.samples)
+    extra = _quality_metrics(args, eval_set, images)
+    from detector.detect import OpenSetDetector
+
+    detector = OpenSetDetector.from_pretrained(args.detector, device=_device(args), dtype=_dtype(args))
+    score.score_images(detector, eval_set, images, args.out, args.real_images, settings, extra)
+
+
+def _quality_metrics(args: argparse.Namespace, eval_set: EvalSet, images: str | Path) -> dict[str, float]:
+    """FID and CLIP score, when their inputs are given."""
+    from gligen.eval import fid
+    from gligen.eval.score import find_images
+
+    metrics = {}
+    if args.fid_reference:
+        if not args.inception_weights:
+            raise UserError("--fid-reference needs --inception-weights (a local Inception weights file)")
+        metrics["FID"] = fid.fid(images, args.fid_reference, args.inception_weights, _device(args))
+    if args.clip_model:
+        present, _ = find_images(eval_set.records, images, args.real_images)
+        metrics["CLIP score"] = fid.clip_score([path for _, path in present],
+                                               [record.layout.prompt for record, _ in present],
+                                               args.clip_model, _device(args))
+    return metrics

@@ -1,0 +1,91 @@
+"""`gligen eval generate`: one image per layout of an evaluation set, resumable, split across processes.
+
+Image `image_id` is written to `<out>/<image_id:012d>.png`; its seed is derived from the base
+seed and the image id alone, so an image does not depend on the batch size, the number of
+processes or which images were already done. The layouts, with their seeds, `image_id` and the
+dataset's `file_name`, are written to `<out>/layouts.jsonl` beside the images; that file is an
+evaluation set `gligen eval score` reads.
+
+Run under `accelerate launch` to split the images over processes (one GPU each).
+"""
+
+from __future__ import annotations
+
+import sys
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from accelerate import PartialState
+from PIL import Image
+from tqdm.auto import tqdm
+
+from gligen.eval.annotations import Record
+from gligen.files import save_image
+from gligen.layout import Layout, save_layouts
+
+LAYOUTS_FILE = "layouts.jsonl"
+
+Generator = Callable[..., list[Image.Image]]  # GligenPipeline.__call__(layouts, **kwargs)
+
+
+def image_name(image_id: int) -> str:
+    """File name of the generated image of `image_id` (zero padded like COCO's)."""
+    return f"{image_id:012d}.png"
+
+
+def layout_seed(base_seed: int, image_id: int) -> int:
+    """A 32-bit seed from a hash of (base seed, image id): stable, and unrelated for nearby ids."""
+    digest = hashlib.sha256(f"{base_seed}/{image_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def seeded_layouts(records: Sequence[Record], base_seed: int) -> list[Layout]:
+    """Each record's layout with its derived seed and `image_id` / `file_name` kept in `meta`."""
+    return [
+        replace(r.layout, seed=layout_seed(base_seed, r.image_id),
+                meta={**r.layout.meta, "image_id": r.image_id, "file_name": r.file_name})
+        for r in records
+    ]
+
+
+def generate(
+    pipeline: Generator,
+    records: Sequence[Record],
+    out_dir: str | Path,
+    base_seed: int = 0,
+    batch_size: int = 1,
+    state: PartialState | None = None,
+    **call_kwargs: Any,
+) -> int:
+    """Generate the images of `records` not yet in `out_dir`; return how many this process made.
+
+    `call_kwargs` go to the pipeline (num_inference_steps, guidance_scale, schedule, ...).
+    """
+    state = state or PartialState()
+    out_dir = Path(out_dir)
+    layouts = seeded_layouts(records, base_seed)
+    if state.is_main_process:
+        save_layouts(out_dir / LAYOUTS_FILE, layouts)
+    todo = [lay for lay in layouts if not (out_dir / image_name(lay.meta["image_id"])).is_file()]
+    if state.is_main_process and len(todo) < len(layouts):
+        done = len(layouts) - len(todo)
+        tqdm.write(f"{done} of {len(layouts)} images already done in {out_dir}; skipping them", file=sys.stderr)
+    state.wait_for_everyone()  # every process must list the same `todo` before any writes an image
+    made = 0
+    with state.split_between_processes(todo) as mine:
+        bar = tqdm(total=len(mine), desc="generate", unit="image", disable=not state.is_local_main_process)
+        for batch in _batches(mine, batch_size):
+            for layout, image in zip(batch, pipeline(batch, **call_kwargs)):
+                save_image(out_dir / image_name(layout.meta["image_id"]), image)
+            made += len(batch)
+            bar.update(len(batch))
+        bar.close()
+    state.wait_for_everyone()
+    return made
+
+
+def _batches(layouts: Sequence[Layout], batch_size: int) -> Iterator[list[Layout]]:
+    for start in range(0, len(layouts), batch_size):
+        yield list(layouts[start:start + batch_size])

@@ -1,0 +1,113 @@
+"""Box AP with faster-coco-eval (numbers equal to pycocotools'), LVIS frequency groups, layout checks.
+
+COCO: the 12 standard statistics (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm,
+ARl) of `COCOeval` with `iouType="bbox"`. LVIS (every category carries `frequency` r/c/f):
+faster-coco-eval's LVIS mode, which also gives APr, APc, APf; as the LVIS API does, only the
+300 best detections of each image count. A statistic with no ground truth to measure (e.g. APs without small boxes) is -1,
+as in pycocotools.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import faster_coco_eval
+
+from gligen.errors import UserError
+from gligen.eval.annotations import check_bbox, json_list, required
+
+COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+LVIS_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR300", "ARs", "ARm", "ARl")
+LVIS_GROUPS = ("APr", "APc", "APf")
+LVIS_MAX_DETS = [1, 10, 300]
+
+
+def is_lvis(gt: dict[str, Any]) -> bool:
+    """True when every category of the ground truth carries an LVIS frequency group."""
+    categories = gt.get("categories", [])
+    return bool(categories) and all(c.get("frequency") in ("r", "c", "f") for c in categories)
+
+
+def box_ap(gt: dict[str, Any], detections: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """COCO box AP of `detections` (COCO results format, pixel xywh) against the ground truth `gt`.
+
+    Returns the 12 COCO statistics by name, plus APr, APc, APf when `gt` is LVIS.
+    Neither argument is modified.
+    """
+    lvis = is_lvis(gt)
+    if lvis:
+        detections = _best_per_image(detections, LVIS_MAX_DETS[-1])
+    coco_gt = faster_coco_eval.COCO(copy.deepcopy(gt))
+    coco_dt = coco_gt.loadRes(copy.deepcopy(list(detections)))
+    evaluator = faster_coco_eval.COCOeval_faster(coco_gt, coco_dt, iouType="bbox", lvis_style=lvis,
+                                                 print_function=_quiet)
+    if lvis:
+        evaluator.params.maxDets = list(LVIS_MAX_DETS)
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    stats = [float(v) for v in evaluator.all_stats]
+    metrics = dict(zip(LVIS_STATS if lvis else COCO_STATS, stats[:12]))
+    if lvis:  # after the 12 come AR50, AR75, then the frequency groups
+        metrics.update(zip(LVIS_GROUPS, stats[14:17]))
+    return metrics
+
+
+def check_ground_truth(gt: Any, where: str) -> dict[str, Any]:
+    """Validate a COCO / LVIS ground truth; a missing key raises UserError naming it and its record.
+
+    `area` defaults to the box area and `iscrowd` to 0, as in COCO results files.
+    """
+    for key in ("images", "annotations", "categories"):
+        json_list(gt, key, where)
+    for i, image in enumerate(gt["images"]):
+        for key in ("id", "width", "height"):
+            required(image, key, f"{where}: images[{i}]")
+    for i, category in enumerate(gt["categories"]):
+        for key in ("id", "name"):
+            required(category, key, f"{where}: categories[{i}]")
+    for i, ann in enumerate(gt["annotations"]):
+        at = f"{where}: annotations[{i}]"
+        for key in ("id", "image_id", "category_id"):
+            required(ann, key, at)
+        check_bbox(required(ann, "bbox", at), at)
+        ann.setdefault("area", ann["bbox"][2] * ann["bbox"][3])
+        ann.setdefault("iscrowd", 0)
+    return gt
+
+
+def check_detections(detections: Any, gt: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """Validate a COCO results list against `gt`; a bad entry raises UserError naming it."""
+    if not isinstance(detections, list):
+        raise UserError(f"{where}: expected a JSON list of detections (COCO results format)")
+    image_ids = {image["id"] for image in gt["images"]}
+    category_ids = {category["id"] for category in gt["categories"]}
+    for i, det in enumerate(detections):
+        at = f"{where}: [{i}]"
+        image_id, category_id, bbox, _ = (required(det, k, at) for k in ("image_id", "category_id", "bbox", "score"))
+        if image_id not in image_ids:
+            raise UserError(f"{at}: image_id {image_id!r} is not in the ground truth")
+        if category_id not in category_ids:
+            raise UserError(f"{at}: category_id {category_id!r} is not in the ground truth")
+        check_bbox(bbox, at)
+    return detections
+
+
+def layout_checks(verifications: Sequence[Any]) -> dict[str, float]:
+    """Instance success rate and mean IoU of `detector.verify` results (see detector.verify.summarize)."""
+    from detector.verify import summarize
+
+    return summarize(list(verifications))
+
+
+def _best_per_image(detections: Sequence[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """The `count` highest scoring detections of each image (COCOeval caps per image *and* category)."""
+    by_image: dict[Any, list[dict[str, Any]]] = {}
+    for det in detections:
+        by_image.setdefault(det["image_id"], []).append(det)
+    return [det for dets in by_image.values() for det in sorted(dets, key=lambda d: -d["score"])[:count]]
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """faster-coco-eval prints its summary table; a report prints ours."""
