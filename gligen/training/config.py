@@ -1,0 +1,217 @@
+"""Training configuration: nested dataclasses read from YAML, with `key=value` overrides.
+
+    cfg = load_config("configs/sd14_text_box.yaml", ["optim.lr=1e-4", "data.shards=/data/{000..009}.tar"])
+
+Override values are parsed as YAML (`1e-4`, `true`, `[a, b]`, `null`). Every unknown key
+and every value of the wrong type raises a `UserError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+
+from gligen.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    """The frozen base and the adapter to train on it."""
+
+    base: str = "CompVis/stable-diffusion-v1-4"  # diffusers SD directory or hub id
+    revision: str | None = None
+    feature_type: Literal["text-box", "text-image-box"] = "text-box"
+    inpaint: bool = False  # 5 zero-initialised input channels; the boxes are masked out of the image
+    image_encoder: str | None = None  # CLIP model (vision + text projection) for text-image-box
+    adapter: str | None = None  # start from this adapter directory instead of a fresh one
+
+
+@dataclass
+class DataConfig:
+    """Shards and what is done to each sample (see `gligen.training.dataset`)."""
+
+    shards: str | list[str] = ""  # directory, path, brace pattern, URL or `pipe:` command, or a list
+    resolution: int = 512
+    random_crop: bool = True  # else a centre crop
+    random_flip: bool = True
+    min_box_area: float = 0.01  # boxes smaller than this fraction of the crop are dropped
+    max_entities: int = 30
+    caption_drop: float = 0.5  # probability of training a sample with an empty caption
+    shuffle_shards: bool = True
+    shuffle_within_shard: bool = True
+    num_workers: int = 2
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 10000
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class ValidationConfig:
+    """Fixed layouts generated every `every` steps (0: never)."""
+
+    layouts: str | None = None  # a layout file (.json / .jsonl)
+    every: int = 5000
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    schedule: list[float] = field(default_factory=lambda: [0.3, 0.0, 0.7])
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/gligen"
+    seed: int = 0
+    batch_size: int = 8  # per process
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 500000
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    gradient_checkpointing: bool = False
+    attention: Literal["sdpa", "xformers", "eager"] = "sdpa"
+    grounding_drop: float = 0.1  # probability of training a sample with null grounding (masks zeroed)
+    ema_decay: float | None = None  # EMA of the adapter; the exported adapter is the EMA
+    cache_dir: str | None = None  # cache VAE latents and text embeddings here
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    max_bad_steps_in_a_row: int = 20  # NaN / infinite losses in a row before the run stops
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def __post_init__(self):
+        checks = [
+            (self.batch_size >= 1, "batch_size", "must be at least 1"),
+            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be at least 1"),
+            (self.max_steps >= 1, "max_steps", "must be at least 1"),
+            (0 <= self.grounding_drop <= 1, "grounding_drop", "must be in [0, 1]"),
+            (0 <= self.data.caption_drop <= 1, "data.caption_drop", "must be in [0, 1]"),
+            (self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "must be in (0, 1)"),
+            (self.data.resolution % 8 == 0 and self.data.resolution > 0, "data.resolution", "must be a positive multiple of 8"),
+            (0 <= self.data.min_box_area < 1, "data.min_box_area", "must be in [0, 1)"),
+            (self.data.max_entities >= 1, "data.max_entities", "must be at least 1"),
+            (self.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
+            (self.optim.lr > 0, "optim.lr", "must be positive"),
+            (self.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),
+            (len(self.optim.betas) == 2, "optim.betas", "must be two numbers"),
+            (self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1"),
+            (self.log_every >= 1, "log_every", "must be at least 1"),
+            (self.max_bad_steps_in_a_row >= 1, "max_bad_steps_in_a_row", "must be at least 1"),
+            (self.validation.every >= 0, "validation.every", "must be >= 0"),
+            (not (self.model.feature_type == "text-image-box" and not self.model.image_encoder),
+             "model.image_encoder", "is required for feature_type text-image-box"),
+            (bool(self.data.shards), "data.shards", "must name the training shards"),
+        ]
+        for ok, key, rule in checks:
+            if not ok:
+                raise UserError(f"config key {key} {rule}")
+        if abs(sum(self.validation.schedule) - 1) > 1e-6 or len(self.validation.schedule) != 3:
+            raise UserError("config key validation.schedule must be three fractions summing to 1")
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """A `TrainConfig` from a YAML file (or the defaults) and `key=value` dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise UserError(f"{path}: invalid YAML ({error})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: a config must be a mapping of keys to values")
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {override!r} must look like key=value (e.g. optim.lr=1e-4)")
+        _set_dotted(data, key.strip(), _parse_value(text, key))
+    return build(TrainConfig, data)
+
+
+def _parse_value(text: str, key: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise UserError(f"override {key}: cannot parse value {text!r}") from None
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    node = data
+    for i, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override {key}: {'.'.join(parents[:i + 1])} is not a section")
+    node[last] = value
+
+
+def build(cls: type, data: Any, prefix: str = "") -> Any:
+    """Instantiate dataclass `cls` from a mapping, checking every key and value type."""
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(data, dict):
+        raise UserError(f"config key {where} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise UserError(f"unknown config key {prefix}{key} (known in {where}: {', '.join(sorted(names))})")
+    values = {key: _check(hints[key], value, f"{prefix}{key}") for key, value in data.items()}
+    return cls(**values)
+
+
+def _check(hint: Any, value: Any, key: str) -> Any:
+    """`value` if it fits type `hint` (ints are accepted as floats), else a UserError naming `key`."""
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, f"{key}.")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _check(arg, value, key)
+            except UserError:
+                continue
+        raise UserError(f"config key {key}: {value!r} is not {_describe(hint)}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise UserError(f"config key {key}: {value!r} is not one of {', '.join(map(str, args))}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"config key {key}: {value!r} is not a list")
+        return [_check(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is type(None) and value is None:
+        return None
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads `5e-5` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise UserError(f"config key {key}: {value!r} is not {_describe(hint)}")
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is list:
+        return "a list"
+    args = typing.get_args(hint)
+    if args:
+        return " or ".join(_describe(a) for a in args)
+    return "null" if hint is type(None) else f"a {getattr(hint, '__name__', hint)}"

@@ -1,0 +1,238 @@
+"""Training batches from webdataset shards, deterministic and resumable at an exact position.
+
+Order: each epoch shuffles the shard list (seeded by `seed` and the epoch); each reader
+(one per process and data-loader worker) takes every k-th shard of that order; each shard is
+read whole and its samples shuffled (seeded by the epoch and the shard). So the stream of a
+reader is a pure function of (seed, epoch, shard, sample), and its position is three
+integers: resuming opens the right shard and skips samples without decoding them.
+
+Each sample is augmented with its own random generator, seeded by its position:
+resize the shorter side to `resolution`, crop a square (random or centre), flip
+horizontally with probability 1/2. Boxes follow the crop and the flip and are clipped;
+boxes left with less than `min_box_area` of the crop are dropped and the `max_entities`
+largest kept. A flip also swaps the words "left" and "right" in the caption and the phrases,
+so that the text still describes the image. The caption is emptied with probability
+`caption_drop`. Corrupt samples (unreadable image, bad JSON, invalid entity, broken tar
+member) are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from gligen.data.format import Sample, SampleError, decode_sample, shard_urls
+from gligen.errors import UserError
+from gligen.training.config import DataConfig
+
+
+@dataclass
+class DataPosition:
+    """Where one reader is: shard `shard` of epoch `epoch`'s order, `sample` samples into it.
+
+    `skipped` counts the corrupt samples this reader has skipped since the run began.
+    """
+
+    epoch: int = 0
+    shard: int = 0
+    sample: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class TrainingSample:
+    """A sample ready for batching. pixels (3, R, R) in [-1, 1]; boxes normalized xyxy of the crop."""
+
+    pixels: torch.Tensor
+    caption: str
+    phrases: list[str]
+    boxes: list[tuple[float, float, float, float]]
+    references: list[Image.Image]
+    cache_key: str
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right|Left|Right|LEFT|RIGHT)\b")
+_SWAP = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "LEFT": "RIGHT", "RIGHT": "LEFT"}
+
+
+def swap_left_right(text: str) -> str:
+    """'the left cat' -> 'the right cat': what a mirrored image shows."""
+    return _LEFT_RIGHT.sub(lambda m: _SWAP[m.group(0)], text)
+
+
+def augment(sample: Sample, config: DataConfig, rng: random.Random, with_references: bool = False) -> TrainingSample:
+    """Resize, crop, flip a sample and move, filter and cap its boxes (see the module docstring).
+
+    The random draws happen in a fixed order (crop x, crop y, flip, caption drop), so a
+    sample's augmentation depends only on `rng`'s seed.
+    """
+    size = config.resolution
+    width, height = sample.image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    image = sample.image.resize((new_w, new_h), Image.BICUBIC)
+    if config.random_crop:
+        left, top = rng.randint(0, new_w - size), rng.randint(0, new_h - size)
+    else:
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+    flip = config.random_flip and rng.random() < 0.5
+    drop_caption = rng.random() < config.caption_drop
+    image = image.crop((left, top, left + size, top + size))
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+
+    kept = []
+    for index, entity in enumerate(sample.entities):
+        box = _crop_box(entity.box, new_w, new_h, left, top, size, flip)
+        area = (box[2] - box[0]) * (box[3] - box[1])
+        if area >= max(config.min_box_area, 1e-12):
+            kept.append((area, index, box))
+    kept = sorted(sorted(kept, reverse=True)[:config.max_entities], key=lambda k: k[1])
+
+    caption = "" if drop_caption else sample.caption
+    phrases = [sample.entities[i].phrase for _, i, _ in kept]
+    if flip:
+        caption, phrases = swap_left_right(caption), [swap_left_right(p) for p in phrases]
+    references = [_reference(sample, image, i, box) for _, i, box in kept] if with_references else []
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    cache_key = f"{sample.key}|{left},{top},{int(flip)},{size}"
+    return TrainingSample(pixels, caption, phrases, [box for _, _, box in kept], references, cache_key)
+
+
+def _crop_box(box, width: int, height: int, left: int, top: int, size: int, flip: bool):
+    """A normalized box of the full image -> normalized box of the (flipped) crop, clipped to it."""
+    x0, y0, x1, y1 = (
+        min(max((v * extent - offset) / size, 0.0), 1.0)
+        for v, extent, offset in zip(box, (width, height, width, height), (left, top, left, top))
+    )
+    return (1 - x1, y0, 1 - x0, y1) if flip else (x0, y0, x1, y1)
+
+
+def _reference(sample: Sample, image: Image.Image, index: int, box) -> Image.Image:
+    """The entity's reference image, or its box cut from the augmented image (as GLIGEN trained)."""
+    if index < len(sample.references) and sample.references[index] is not None:
+        return sample.references[index]
+    size = image.width
+    x0, y0, x1, y1 = (round(v * size) for v in box)
+    return image.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)))
+
+
+def collate(samples: Sequence[TrainingSample], max_entities: int) -> dict[str, Any]:
+    """Batch samples: pixels (B,3,R,R), boxes (B,N,4), masks (B,N) with N = max_entities, and lists."""
+    boxes = torch.zeros(len(samples), max_entities, 4)
+    masks = torch.zeros(len(samples), max_entities)
+    for i, sample in enumerate(samples):
+        if sample.boxes:
+            boxes[i, :len(sample.boxes)] = torch.tensor(sample.boxes)
+            masks[i, :len(sample.boxes)] = 1
+    return {
+        "pixels": torch.stack([s.pixels for s in samples]),
+        "boxes": boxes,
+        "masks": masks,
+        "captions": [s.caption for s in samples],
+        "phrases": [s.phrases for s in samples],
+        "references": [s.references for s in samples],
+        "cache_keys": [s.cache_key for s in samples],
+    }
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Endless batches of augmented samples for one process, split across its loader workers.
+
+    Use with `DataLoader(dataset, batch_size=None, num_workers=...)`. Each batch carries
+    `batch["position"]`: its reader (`worker`) and that reader's `DataPosition` after the
+    batch, which is what a checkpoint saves and `positions` restores.
+    """
+
+    def __init__(
+        self,
+        config: DataConfig,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        positions: dict[int, DataPosition] | None = None,
+        with_references: bool = False,
+    ):
+        super().__init__()
+        self.config = config
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.positions = dict(positions or {})
+        self.with_references = with_references
+        self.urls = shard_urls(config.shards)
+        readers = world_size * max(1, config.num_workers)
+        if len(self.urls) < readers:
+            raise UserError(
+                f"data.shards: {len(self.urls)} shards for {readers} readers "
+                f"({world_size} processes x {max(1, config.num_workers)} workers); write more shards or use fewer workers"
+            )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        position = DataPosition(**asdict(self.positions.get(worker, DataPosition())))
+        batch: list[TrainingSample] = []
+        for sample in self._samples(position, self.rank * workers + worker, self.world_size * workers):
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                out = collate(batch, self.config.max_entities)
+                out["position"] = {"worker": worker, **asdict(position)}
+                yield out
+                batch = []
+
+    def _samples(self, position: DataPosition, reader: int, readers: int) -> Iterator[TrainingSample]:
+        """Augmented samples from `position` on, advancing `position` in place as each is consumed."""
+        while True:
+            order = self._shard_order(position.epoch)[reader::readers]
+            while position.shard < len(order):
+                url = order[position.shard]
+                raws = self._read_shard(url, position)
+                if self.config.shuffle_within_shard:
+                    random.Random(f"{self.seed}:{position.epoch}:{url}").shuffle(raws)
+                while position.sample < len(raws):
+                    index = position.sample
+                    position.sample += 1
+                    try:
+                        sample = decode_sample(raws[index])
+                    except SampleError as error:
+                        self._skip(position, str(error))
+                        continue
+                    rng = random.Random(f"{self.seed}:{position.epoch}:{url}:{index}")
+                    yield augment(sample, self.config, rng, self.with_references)
+                position.shard += 1
+                position.sample = 0
+            position.epoch += 1
+            position.shard = 0
+
+    def _shard_order(self, epoch: int) -> list[str]:
+        urls = list(self.urls)
+        if self.config.shuffle_shards:
+            random.Random(f"{self.seed}:epoch{epoch}").shuffle(urls)
+        return urls
+
+    def _read_shard(self, url: str, position: DataPosition) -> list[dict[str, Any]]:
+        """All raw samples (undecoded bytes) of one shard; broken tar members are skipped and counted."""
+        first_read = position.sample == 0  # on resume mid-shard these were counted already
+
+        def handler(error: Exception) -> bool:
+            if first_read:
+                self._skip(position, f"{url}: {error}")
+            return True
+
+        return list(wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=handler)))
+
+    def _skip(self, position: DataPosition, message: str) -> None:
+        position.skipped += 1
+        if position.skipped <= 10:  # show the first ones; the rest only count
+            warnings.warn(f"skipping corrupt sample: {message}", stacklevel=2)
