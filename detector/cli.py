@@ -15,7 +15,7 @@ import torch
 
 from detector import label, train, verify
 from gligen.draw import draw_boxes
-from gligen.errors import UserError, require, run_cli
+from gligen.errors import require, run_cli
 from gligen.files import save_image, write_json
 
 DEFAULT_MODEL = "IDEA-Research/grounding-dino-tiny"
@@ -43,6 +43,20 @@ def _overlay_names(paths: Sequence[str]) -> list[str]:
     return [f"{s}.png" if stems.count(s) == 1 else f"{s}_{i}.png" for i, s in enumerate(stems)]
 
 
+def write_outputs(report: dict, out: str | None, overlay_dir: str | None, paths: Sequence[str], pictures) -> None:
+    """Write the JSON report to `out` (or print it); with `overlay_dir`, one PNG per image path.
+
+    `pictures` is an iterable of overlay images, one per path, drawn only when needed.
+    """
+    if out:
+        write_json(out, report)
+    else:
+        print(json.dumps(report, indent=2))
+    if overlay_dir:
+        for name, picture in zip(_overlay_names(paths), pictures):
+            save_image(Path(overlay_dir) / name, picture)
+
+
 def run_detect(args: argparse.Namespace) -> None:
     from detector.detect import open_image
 
@@ -54,14 +68,11 @@ def run_detect(args: argparse.Namespace) -> None:
         phrase_score=args.phrase_score, nms_iou=args.nms_iou, batch_size=args.batch_size,
     )
     report = {"model": args.model, "images": [{"image": p, **r.to_dict()} for p, r in zip(args.images, results)]}
-    if args.out:
-        write_json(args.out, report)
-    else:
-        print(json.dumps(report, indent=2))
-    if args.overlay:
-        for image, result, name in zip(images, results, _overlay_names(args.images)):
-            labels = [f"{label} {score:.2f}" for label, score in zip(result.labels, result.scores.tolist())]
-            save_image(Path(args.overlay) / name, draw_boxes(image, result.boxes.tolist(), labels))
+    pictures = (
+        draw_boxes(image, result.boxes.tolist(), [f"{lab} {sc:.2f}" for lab, sc in zip(result.labels, result.scores.tolist())])
+        for image, result in zip(images, results)
+    )
+    write_outputs(report, args.out, args.overlay, args.images, pictures)
 
 
 def register_detect(subparsers) -> None:

@@ -13,9 +13,7 @@ success rate (passing entities / entities) and the mean IoU over entities.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -26,7 +24,6 @@ from detector.detect import Detections, OpenSetDetector, open_image
 from detector.prompt import normalize_phrase
 from gligen.draw import PALETTE, draw_boxes
 from gligen.errors import UserError, require
-from gligen.files import save_image, write_json
 from gligen.layout import Box, Layout, load_layouts
 
 
@@ -208,7 +205,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from detector.cli import _overlay_names, load_from_args
+    from detector.cli import load_from_args, write_outputs
 
     layouts = load_layouts(args.layout)
     if len(layouts) == 1:
@@ -227,10 +224,4 @@ def _run(args: argparse.Namespace) -> None:
         "summary": summarize(results),
         "images": [{"image": path, **result.to_dict()} for path, result in zip(args.images, results)],
     }
-    if args.out:
-        write_json(args.out, report)
-    else:
-        print(json.dumps(report, indent=2))
-    if args.overlay:
-        for image, result, name in zip(images, results, _overlay_names(args.images)):
-            save_image(Path(args.overlay) / name, overlay(image, result))
+    write_outputs(report, args.out, args.overlay, args.images, map(overlay, images, results))

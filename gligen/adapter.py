@@ -60,6 +60,18 @@ class AdapterConfig:
         self.blocks = {path: tuple(shape) for path, shape in self.blocks.items()}
 
 
+def check_tensors(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], where: str) -> None:
+    """Raise a UserError naming the first tensor that `state` lacks, has extra, or shapes differently."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        problem = f"no tensor for {missing[0]}" if missing else f"unexpected tensor {unexpected[0]}"
+        raise UserError(f"{where}: {problem} ({len(missing)} missing, {len(unexpected)} unexpected)")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise UserError(f"{where}: tensor {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+
+
 class ExtendedConvIn(nn.Module):
     """The base `conv_in` plus extra input channels: conv(x[:, :c], W_base) + conv(x[:, c:], W_extra).
 
@@ -189,15 +201,7 @@ class GroundingAdapter(nn.Module):
         """Load tensors named as by `adapter_state_dict` (e.g. a subset of a GLIGEN UNet's state dict)."""
         if "conv_in_extra.weight" in state and self.conv_in_extra is None:
             self.conv_in_extra = nn.Parameter(torch.zeros_like(state["conv_in_extra.weight"]))
-        own = self.adapter_state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        if missing or unexpected:
-            problem = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {unexpected[0]}"
-            raise UserError(f"{where}: {problem} ({len(missing)} missing, {len(unexpected)} unexpected)")
-        for key, value in state.items():
-            if value.shape != own[key].shape:
-                raise UserError(f"{where}: tensor {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+        check_tensors(self.adapter_state_dict(), state, where)
         targets = dict(self._named_targets())
         with torch.no_grad():
             for key, value in state.items():

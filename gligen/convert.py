@@ -41,7 +41,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from gligen.adapter import GroundingAdapter
+from gligen.adapter import GroundingAdapter, check_tensors
 from gligen.errors import UserError
 from gligen.files import write_json
 from gligen.fuser import detach_fusers
@@ -183,15 +183,7 @@ def _first_unmapped(source: dict[str, torch.Tensor], converted: dict[str, torch.
 
 def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """load_state_dict naming the first key that does not fit."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        problem = f"no tensor for {missing[0]}" if missing else f"unexpected tensor {unexpected[0]}"
-        raise UserError(f"{where}: keys do not map to the diffusers model: {problem}")
-    for key, value in state.items():
-        if value.shape != own[key].shape:
-            raise UserError(f"{where}: {key} has shape {tuple(value.shape)}, the diffusers model expects {tuple(own[key].shape)}")
+    check_tensors(module.state_dict(), state, f"{where}: keys do not map to the diffusers model")
     module.load_state_dict(state)
 
 
