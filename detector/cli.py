@@ -11,30 +11,27 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from detector import label, train, verify
+from gligen.devices import DTYPES, parse_device, parse_dtype
 from gligen.draw import draw_boxes
 from gligen.errors import require, run_cli
 from gligen.files import save_image, write_json
 
 DEFAULT_MODEL = "IDEA-Research/grounding-dino-tiny"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model, --device, --dtype: shared by every subcommand that runs the detector."""
     parser.add_argument("--model", default=DEFAULT_MODEL, help="HF Grounding DINO directory or hub id")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
 
 
 def load_from_args(args: argparse.Namespace):
     """The `OpenSetDetector` that --model/--device/--dtype name."""
     from detector.detect import OpenSetDetector
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return OpenSetDetector.from_pretrained(args.model, device=device, dtype=DTYPES[args.dtype])
+    return OpenSetDetector.from_pretrained(args.model, device=parse_device(args.device), dtype=parse_dtype(args.dtype))
 
 
 def _overlay_names(paths: Sequence[str]) -> list[str]:

@@ -24,8 +24,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from gligen.devices import DTYPES, parse_device, parse_dtype
 from gligen.draw import draw_boxes
-from gligen.errors import UserError, require
+from gligen.errors import require
 from gligen.files import save_image, write_json
 from gligen.layout import MAX_ENTITIES, Entity, Layout, load_layouts
 from gligen.schedule import DEFAULT_SCHEDULE, parse_schedule, schedule_from_beta
@@ -59,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     schedule.add_argument("--schedule", help="scheduled sampling a,b,c (default 0.3,0,0.7)")
     parser.add_argument("--seed", type=int, help="seed for every layout (default: each layout's own)")
     parser.add_argument("--scheduler", help="ddim, pndm, euler, euler_a, dpmpp, lms, unipc, ... (default: the model's)")
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, else fp32")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default: fp16 on CUDA, else fp32")
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--batch-size", type=int, default=1, help="layouts per batch (default 1)")
     parser.add_argument("--overlay", action="store_true", help="also write NAME.overlay.png with the labelled boxes")
@@ -77,11 +78,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from gligen.pipeline import GligenPipeline, open_image, parse_dtype
+    from gligen.pipeline import GligenPipeline, open_image
 
     schedule = _schedule(args)
     _check_numbers(args)
-    device = _device(args.device)
+    device = parse_device(args.device)
     dtype = parse_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"))
     inpaint_image = open_image(args.inpaint_image) if args.inpaint_image else None
     jobs = None if args.layout_from else _jobs(args.layout)  # validated before any model loads
@@ -143,17 +144,6 @@ def _check_numbers(args: argparse.Namespace) -> None:
     require(not (args.caption or args.phrases) or args.layout_from, "--caption and --phrases go with --layout-from")
     require(not args.layout_from or bool(args.caption) != bool(args.phrases),
             "--layout-from needs either --caption or --phrases")
-
-
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device") from None
-    require(device.type != "cuda" or torch.cuda.is_available(), f"--device {name}: CUDA is not available")
-    return device
 
 
 def _jobs(path: str) -> list[Job]:

@@ -57,7 +57,6 @@ SCHEDULERS = {
     "deis": "DEISMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ATTENTION = ("sdpa", "xformers")
 INPAINT_CHANNELS = 9  # noisy latent (4) + masked image latent (4) + mask (1)
 
@@ -69,13 +68,6 @@ def make_scheduler(name: str, config: dict) -> Any:
     if scheduler_class is None or not class_name.endswith("Scheduler"):
         raise UserError(f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)} or a diffusers class name")
     return scheduler_class.from_config(config)
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """'fp32' | 'fp16' | 'bf16' -> torch dtype."""
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 @dataclass

@@ -17,11 +17,11 @@ import argparse
 from pathlib import Path
 
 from detector.cli import DEFAULT_MODEL as DEFAULT_DETECTOR
+from gligen.devices import DTYPES, parse_dtype
 from gligen.errors import UserError
 from gligen.eval.annotations import EvalSet, Filters, load_eval_set
 from gligen.layout import MAX_ENTITIES
 
-DTYPES = ("fp32", "fp16", "bf16")  # gligen.pipeline.parse_dtype's names, as `gligen generate` takes them
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -85,7 +85,7 @@ def _add_eval_set_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_device_arguments(parser: argparse.ArgumentParser, cuda_dtype: str) -> None:
     parser.add_argument("--device", help="torch device (default: this process's accelerate device)")
-    parser.add_argument("--dtype", choices=DTYPES, help=f"default: {cuda_dtype} on CUDA, else fp32")
+    parser.add_argument("--dtype", choices=list(DTYPES), help=f"default: {cuda_dtype} on CUDA, else fp32")
     parser.set_defaults(cuda_dtype=cuda_dtype)
 
 
@@ -99,14 +99,13 @@ def _eval_set(args: argparse.Namespace, size: int = 512) -> EvalSet:
 
 
 def _device(args: argparse.Namespace) -> str:
-    from accelerate import PartialState
+    from gligen.eval.generate import process_state
 
-    return args.device or str(PartialState().device)
+    state = process_state(args.device)  # joins the other launched processes, whatever the device
+    return args.device or str(state.device)
 
 
 def _dtype(args: argparse.Namespace):
-    from gligen.pipeline import parse_dtype
-
     return parse_dtype(args.dtype or (args.cuda_dtype if _device(args).startswith("cuda") else "fp32"))
 
 
