@@ -6,6 +6,11 @@ import argparse
 import contextlib
 import io
 import json
+import os
+import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -299,3 +304,52 @@ def test_generate_resumes_and_scores(tmp_path, tiny_gligen, tiny_detector):
                          "--out", str(out / "score"))
     assert status == 0, stderr
     check_report(out / "score", num_images=3, num_missing=0, lvis=False)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_generate_split_over_two_launched_processes_equals_one(tmp_path, tiny_gligen):
+    """Two CPU processes from `accelerate launch` (torchrun; `--cpu` alone starts one process without mpirun)."""
+    annotations = write(tmp_path / "instances.json", instances())
+    records = load_eval_set(annotations).records
+    command = ("eval", "generate", "--annotations", str(annotations), "--model", str(tiny_gligen), "--size", "32",
+               "--steps", "2", "--guidance", "1", "--seed", "5", "--device", "cpu")
+    status, stderr = cli(*command[1:], "--out", str(tmp_path / "one"))
+    assert status == 0, stderr
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), "-m", "gligen.cli", *command, "--out", str(tmp_path / "two")]
+    done = subprocess.run(launch, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    made = dict(re.findall(r"process (\d) of 2: made (\d+) images", done.stderr))
+    assert sorted(made) == ["0", "1"] and sorted(made.values()) == ["1", "2"]  # 3 images, each process its share
+
+    names = sorted(image_name(r.image_id) for r in records)
+    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one")) == [*names, "layouts.jsonl"]
+    for name in names:  # the union is the single-process run (3 made in all: so no image was made twice)
+        np.testing.assert_array_equal(pixels(tmp_path / "two" / name), pixels(tmp_path / "one" / name), err_msg=name)
+    layouts = (tmp_path / "two" / "layouts.jsonl").read_text()
+    assert layouts == (tmp_path / "one" / "layouts.jsonl").read_text() and layouts.count("\n") == len(records)
+
+
+def test_launched_processes_that_cannot_join_are_refused(tmp_path, tiny_gligen, monkeypatch):
+    """Launched CPU processes that did not form a group would each make every image."""
+    from accelerate import PartialState
+
+    annotations = write(tmp_path / "instances.json", instances())
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    PartialState._reset_state()
+    try:
+        status, stderr = cli("generate", "--annotations", str(annotations), "--model", str(tiny_gligen),
+                             "--out", str(tmp_path / "out"))
+    finally:
+        PartialState._reset_state()
+    assert status == 1
+    assert stderr == ("gligen: error: 2 processes were launched but did not join (each would make every image); "
+                      "on CPUs pass --device cpu\n")
+    assert not (tmp_path / "out").exists()

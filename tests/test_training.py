@@ -3,22 +3,26 @@
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from accelerate.state import AcceleratorState
 from PIL import Image
 from safetensors.torch import load_file
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from gligen.adapter import GroundingAdapter
 from gligen.data.format import Sample, encode_sample
-from gligen.data.shapes import write_shards
+from gligen.data.shapes import shape_sample, write_shards
 from gligen.errors import UserError
+from gligen.grounding import IMAGE_EMBED_NORM
 from gligen.layout import Entity, Layout, save_layouts
 from gligen.pipeline import GligenPipeline
 from gligen.training import Trainer, TrainingStopped, load_config
 from gligen.training.config import DataConfig
 from gligen.training.dataset import DataPosition, ShardDataset, augment, swap_left_right
-from tests.tiny import save_tiny_sd
+from tests.tiny import HIDDEN, save_tiny_sd, tiny_image_encoder
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +209,164 @@ def test_inpaint_mode_trains_extra_channels_and_gradient_checkpointing_agrees(se
     trainer.adapter.zero_grad()
     trainer.train()
     assert trainer.adapter.conv_in_extra.abs().sum() > 0
+
+
+# --- cached encodings ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_accelerator():
+    """Runs in other precisions: accelerate keeps one mixed-precision setting per process unless reset."""
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def run_and_losses(setup, out, *overrides):
+    """A fresh 4-step run logging every step -> (the trainer, its per-step losses)."""
+    AcceleratorState._reset_state(True)
+    trainer = Trainer(config(setup, out, "max_steps=4", "log_every=1", *overrides))
+    trainer.train()
+    lines = (setup["root"] / out / "logs" / "metrics.jsonl").read_text().splitlines()
+    return trainer, [json.loads(line)["loss"] for line in lines]
+
+
+def test_cache_dir_gives_the_same_losses_and_is_reused(setup, fresh_accelerator):
+    cache = setup["root"] / "cache"
+    _, plain = run_and_losses(setup, "uncached")
+    run_and_losses(setup, "cached_bf16", f"cache_dir={cache}", "mixed_precision=bf16")  # bf16 entries: not for fp32
+    first, cached = run_and_losses(setup, "cached", f"cache_dir={cache}")
+    assert cached == pytest.approx(plain, rel=1e-5, abs=0) and len(plain) == 4
+    assert (first.cache["latents"].hits, first.cache["latents"].misses) == (0, 8)  # 4 steps x 2 crops, all new
+    for kind, entries in first.cache.items():  # a caption or phrase met twice in one batch is one file
+        assert 0 < len(list(entries.directory.rglob("*.safetensors"))) <= entries.misses, kind
+    assert len(list(first.cache["latents"].directory.rglob("*.safetensors"))) == 8
+    written = {path: path.stat().st_mtime_ns for path in cache.rglob("*.safetensors")}
+
+    second, again = run_and_losses(setup, "cached_again", f"cache_dir={cache}")
+    assert again == cached
+    assert all(entries.misses == 0 and entries.hits == first.cache[kind].hits + first.cache[kind].misses
+               for kind, entries in second.cache.items())
+    assert {path: path.stat().st_mtime_ns for path in cache.rglob("*.safetensors")} == written
+
+
+# --- text-image-box adapters ---------------------------------------------------------------------------------------
+
+PROJECTION = 24  # CLIP's joint embedding width; unlike HIDDEN, so a projection the wrong way round cannot fit
+
+
+def save_clip(directory, text_hidden=HIDDEN):
+    """A tiny full CLIP model directory whose tower configs name the projection width, as openai's do."""
+    tower = dict(intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, projection_dim=PROJECTION)
+    config = CLIPConfig(text_config=dict(tower, hidden_size=text_hidden, vocab_size=99, bos_token_id=0, eos_token_id=1,
+                                         pad_token_id=1),
+                        vision_config=dict(tower, hidden_size=HIDDEN, image_size=32, patch_size=8),
+                        projection_dim=PROJECTION)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(directory)
+    tiny_image_encoder()[1].save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def text_image(setup):
+    """A CLIP directory and shards: shard 0 with a KEY.ref<i>.png per entity, the first entity a speck that the
+    box filter drops; shard 1 with no reference images."""
+    shards = setup["root"] / "reference_shards"
+    shards.mkdir()
+    expected = {}
+    with wds.TarWriter(str(shards / "shard-000000.tar"), encoder=False) as tar:
+        for i in range(4):
+            scene = shape_sample(3, i, 40)
+            entities = [Entity("a speck", (0.5, 0.5, 0.52, 0.52)), *scene.entities]
+            references = [Image.new("RGB", (8 + j, 8), (60 * j, 250 - 60 * j, 40 * i)) for j in range(len(entities))]
+            tar.write(encode_sample(Sample(f"withref{i}", scene.image, scene.caption, entities, references), "png"))
+            expected[f"withref{i}"] = references[1:]
+    with wds.TarWriter(str(shards / "shard-000001.tar"), encoder=False) as tar:
+        for i in range(4):
+            tar.write(encode_sample(shape_sample(4, i, 40), "png"))
+    return {"clip": save_clip(setup["root"] / "clip"), "shards": shards, "references": expected}
+
+
+def text_image_config(setup, text_image, out, *overrides):
+    return config(setup, out, "model.feature_type=text-image-box", f"model.image_encoder={text_image['clip']}",
+                  f"data.shards={text_image['shards']}", "batch_size=4", *overrides)
+
+
+def test_references_are_the_reference_files_or_box_crops(text_image):
+    data = DataConfig(shards=str(text_image["shards"]), resolution=16, num_workers=0)
+    batch = next(iter(ShardDataset(data, batch_size=8, seed=0, with_references=True)))
+    keys = [k.split("|")[0] for k in batch["cache_keys"]]
+    assert sorted(keys)[4:] == sorted(text_image["references"])  # one epoch: 4 samples of each shard
+    for key, pixels, boxes, references in zip(keys, batch["pixels"], batch["boxes"], batch["references"]):
+        assert len(references) == len(batch["phrases"][keys.index(key)]) > 0
+        if key in text_image["references"]:  # the files of the kept entities, the speck's dropped with it
+            for got, want in zip(references, text_image["references"][key], strict=True):
+                np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        else:  # each box cut from the augmented (resized, cropped, maybe flipped) training image
+            image = ((pixels.permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+            for got, box in zip(references, boxes):
+                x0, y0, x1, y1 = (round(v * 16) for v in box.tolist())
+                np.testing.assert_array_equal(np.asarray(got), image[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)])
+
+
+def test_text_image_box_adapter_trains_and_generates_with_a_reference(setup, text_image):
+    trainer = Trainer(text_image_config(setup, text_image, "text_image", "max_steps=6", "grounding_drop=0",
+                                        "data.caption_drop=0", "optim.lr=3e-3"))
+    clip = CLIPModel.from_pretrained(text_image["clip"]).eval()
+    projection = clip.text_projection.weight.T  # CLIP image embedding -> the text encoder's space
+    assert trainer.adapter.image_projection.weight.shape == (HIDDEN, PROJECTION)
+    torch.testing.assert_close(trainer.adapter.image_projection.weight, projection, rtol=0, atol=0)
+
+    # Image tokens: CLIP's projected image embedding of each reference, mapped back and rescaled to norm 28.7.
+    batch = next(iter(ShardDataset(trainer.config.data, batch_size=8, seed=0, with_references=True)))
+    grounding = trainer.grounding_inputs(batch)
+    torch.testing.assert_close(grounding.image_masks, grounding.masks, rtol=0, atol=0)
+    processor = CLIPImageProcessor.from_pretrained(text_image["clip"])
+    for row, references in enumerate(batch["references"]):
+        pixels = processor(images=references, return_tensors="pt").pixel_values
+        with torch.no_grad():
+            embeds = clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output) @ projection.T
+        expected = embeds / embeds.norm(dim=-1, keepdim=True) * IMAGE_EMBED_NORM
+        torch.testing.assert_close(grounding.image_embeds[row, :len(references)], expected, rtol=1e-5, atol=1e-5)
+        assert not grounding.image_embeds[row, len(references):].any()
+
+    before = adapter_tensors(trainer)
+    out = trainer.train()
+    after = adapter_tensors(trainer)
+    changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
+    assert any(k.startswith("position_net.linears_image.") for k in changed)
+    assert "image_projection.weight" not in changed  # frozen: it is CLIP's
+
+    pipe = GligenPipeline.from_pretrained(str(setup["sd"]), adapter=str(out), image_encoder=str(text_image["clip"]))
+    torch.testing.assert_close(pipe.adapter.image_projection.weight, projection, rtol=0, atol=0)
+    latents = {}
+    for name, colour in (("red", (250, 0, 0)), ("blue", (0, 0, 250))):
+        path = setup["root"] / f"{name}.png"
+        Image.new("RGB", (20, 20), colour).save(path)
+        layout = Layout("a thing", (Entity("a thing", (0.2, 0.2, 0.7, 0.7), image=str(path)),), width=16, height=16)
+        latents[name] = pipe([layout, layout], num_inference_steps=2, schedule=(1.0, 0.0, 0.0), output_type="latent")
+    torch.testing.assert_close(latents["red"][0], latents["red"][1], rtol=0, atol=0)
+    assert not torch.equal(latents["red"][0], latents["blue"][0])  # bit-identical if the reference were ignored
+
+
+def test_text_image_box_trains_in_bf16(setup, text_image, fresh_accelerator):
+    trainer = Trainer(text_image_config(setup, text_image, "text_image_bf16", "max_steps=2", "grounding_drop=0",
+                                        "mixed_precision=bf16"))
+    assert trainer.parts["image_encoder"].dtype == torch.bfloat16
+    before = adapter_tensors(trainer)
+    trainer.train()
+    assert trainer.step == 2
+    changed = {k for k, v in adapter_tensors(trainer).items() if not torch.equal(v, before[k])}
+    assert any(k.startswith("position_net.linears_image.") for k in changed)
+
+
+def test_text_image_box_needs_a_full_clip_model_that_fits(setup, text_image):
+    vision_only = setup["root"] / "clip_vision_only"  # such as `gligen convert --full` writes: enough to generate
+    for part in tiny_image_encoder():
+        part.save_pretrained(vision_only)
+    with pytest.raises(UserError, match="is a clip_vision_model model; text-image-box training needs a full CLIP"):
+        Trainer(text_image_config(setup, {**text_image, "clip": vision_only}, "vision_only"))
+    narrow = save_clip(setup["root"] / "clip_narrow", text_hidden=16)
+    with pytest.raises(UserError, match="its text projection maps to 16 dims, but the base's text encoder has 32"):
+        Trainer(text_image_config(setup, {**text_image, "clip": narrow}, "narrow"))

@@ -6,21 +6,25 @@ processes or which images were already done. The layouts, with their seeds, `ima
 dataset's `file_name`, are written to `<out>/layouts.jsonl` beside the images; that file is an
 evaluation set `gligen eval score` reads.
 
-Run under `accelerate launch` to split the images over processes (one GPU each).
+Run under `accelerate launch` to split the images over processes (one GPU each). On CPUs,
+`accelerate launch --multi_gpu --num_processes N -m gligen.cli eval generate ... --device cpu`
+(torchrun, gloo): accelerate's `--cpu` starts several processes only through mpirun.
 """
 
 from __future__ import annotations
 
-import sys
 import hashlib
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from accelerate import PartialState
+from accelerate.utils import get_int_from_env, parse_flag_from_env
 from PIL import Image
 from tqdm.auto import tqdm
 
+from gligen.errors import UserError
 from gligen.eval.annotations import Record
 from gligen.files import save_image
 from gligen.layout import Layout, save_layouts
@@ -50,6 +54,22 @@ def seeded_layouts(records: Sequence[Record], base_seed: int) -> list[Layout]:
     ]
 
 
+def process_state(device: str | None = None) -> PartialState:
+    """This process's place in an `accelerate launch` run (a single process otherwise).
+
+    Processes on the CPU (`accelerate launch --cpu`, or `--device cpu`) join over gloo only when
+    PartialState is told `cpu=True`: `Accelerator` reads ACCELERATE_USE_CPU, a bare PartialState does
+    not, and each process would then make every image. A launch whose processes still did not join
+    is refused for the same reason.
+    """
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or device == "cpu")
+    launched = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+    if launched > 1 and state.num_processes == 1:
+        raise UserError(f"{launched} processes were launched but did not join (each would make every image); "
+                        "on CPUs pass --device cpu")
+    return state
+
+
 def generate(
     pipeline: Generator,
     records: Sequence[Record],
@@ -63,7 +83,7 @@ def generate(
 
     `call_kwargs` go to the pipeline (num_inference_steps, guidance_scale, schedule, ...).
     """
-    state = state or PartialState()
+    state = state or process_state()
     out_dir = Path(out_dir)
     layouts = seeded_layouts(records, base_seed)
     if state.is_main_process:
@@ -82,6 +102,8 @@ def generate(
             made += len(batch)
             bar.update(len(batch))
         bar.close()
+    if state.num_processes > 1:
+        tqdm.write(f"process {state.process_index} of {state.num_processes}: made {made} images", file=sys.stderr)
     state.wait_for_everyone()
     return made
 

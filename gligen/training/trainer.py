@@ -100,16 +100,33 @@ def load_base(config: TrainConfig) -> dict[str, Any]:
     except (OSError, ValueError) as error:
         raise UserError(f"model.base {base!r}: cannot load a Stable Diffusion model ({error})") from None
     if config.model.feature_type == "text-image-box":
-        from transformers import CLIPImageProcessor, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
-
-        name = config.model.image_encoder
-        try:
-            parts["image_encoder"] = CLIPVisionModelWithProjection.from_pretrained(name)
-            parts["image_processor"] = CLIPImageProcessor.from_pretrained(name)
-            parts["text_projection"] = CLIPTextModelWithProjection.from_pretrained(name).text_projection
-        except (OSError, ValueError) as error:
-            raise UserError(f"model.image_encoder {name!r}: cannot load a CLIP model ({error})") from None
+        projection, encoder, processor = load_image_side(config.model.image_encoder)
+        parts.update(image_projection=projection, image_encoder=encoder, image_processor=processor)
     return parts
+
+
+def load_image_side(name: str) -> tuple[nn.Linear, nn.Module, Any]:
+    """The reference-image projection, CLIP vision encoder and image processor of a full CLIP model.
+
+    The projection is CLIP's transposed text projection, so `name` must be a full CLIP model
+    (CLIPModel: its tower configs need not repeat `projection_dim`). A vision-only directory is
+    refused: transformers would build its "text projection" from random weights without an error.
+    """
+    from transformers import AutoConfig
+
+    from gligen.convert import clip_image_side
+
+    try:
+        model_type = AutoConfig.from_pretrained(name).model_type
+    except (OSError, ValueError) as error:
+        reason = str(error).splitlines()[0]
+        raise UserError(f"model.image_encoder {name!r}: cannot load a CLIP model ({reason})") from None
+    if model_type != "clip":
+        raise UserError(
+            f"model.image_encoder {name!r} is a {model_type} model; text-image-box training needs a full CLIP "
+            f"model (vision encoder and text projection), such as openai/clip-vit-large-patch14"
+        )
+    return clip_image_side(name)
 
 
 def make_adapter(config: TrainConfig, parts: dict[str, Any]) -> GroundingAdapter:
@@ -126,7 +143,13 @@ def make_adapter(config: TrainConfig, parts: dict[str, Any]) -> GroundingAdapter
     )
     if adapter.image_projection is not None:
         # image embeddings are mapped back into the text space by the transposed CLIP text projection
-        adapter.image_projection.weight.data.copy_(parts["text_projection"].weight.T)
+        projection = parts["image_projection"].weight
+        if projection.shape != adapter.image_projection.weight.shape:
+            raise UserError(
+                f"model.image_encoder {config.model.image_encoder!r}: its text projection maps to "
+                f"{projection.shape[0]} dims, but the base's text encoder has {adapter.config.positive_len}"
+            )
+        adapter.image_projection.weight.data.copy_(projection)
     return adapter
 
 
@@ -183,7 +206,8 @@ class Trainer:
         self.positions: dict[int, DataPosition] = {}
         self.cache = None
         if config.cache_dir:
-            namespace = f"{config.model.base}@{config.model.revision}"
+            # the encoders run in weight_dtype: entries made in bf16 must not feed an fp32 run
+            namespace = f"{config.model.base}@{config.model.revision}/{self.weight_dtype}"
             self.cache = {kind: EncodingCache(config.cache_dir, f"{namespace}/{kind}") for kind in ("latents", "text", "phrases")}
         self.metrics_path = self.output_dir / "logs" / "metrics.jsonl"
         # read now, so that a bad layout file fails the run at once rather than at the first validation
@@ -258,10 +282,13 @@ class Trainer:
         image_embeds = image_masks = None
         if self.adapter.config.feature_type == "text-image-box":
             references = [image for images in batch["references"] for image in images]
-            embeds = (
-                encode_images(self.parts["image_encoder"], self.parts["image_processor"], self.adapter.image_projection, references)
-                if references else phrase_embeds.new_zeros(0, phrase_embeds.shape[-1])
-            )
+            if references:
+                # autocast: the projection is the adapter's (fp32), the frozen encoder may be bf16 / fp16
+                with torch.no_grad(), self.accelerator.autocast():
+                    embeds = encode_images(self.parts["image_encoder"], self.parts["image_processor"],
+                                           self.adapter.image_projection, references)
+            else:
+                embeds = phrase_embeds.new_zeros(0, phrase_embeds.shape[-1])
             image_embeds, image_masks = scatter_embeds(embeds, counts, n), masks
         return GroundingInputs(batch["boxes"].to(self.device), masks, phrase_embeds, image_embeds, image_masks)
 
