@@ -25,7 +25,7 @@ import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -42,7 +42,7 @@ from detector.prompt import MAX_TEXT_TOKENS, build_caption, normalize_phrase
 from gligen.errors import UserError, require
 from gligen.files import write_json
 
-BACKBONE_LR_SCALE = 0.1  # DETR / GroundingDINO fine-tuning: the image and text backbones learn 10x slower
+BACKBONE_LR_SCALE = 0.1  # DETR / GroundingDINO fine-tuning: pretrained image and text backbones learn 10x slower
 WEIGHT_DECAY = 1e-4
 MAX_GRAD_NORM = 0.1  # GroundingDINO's clip_max_norm
 LONGEST_PER_SHORTEST = 1333 / 800  # --image-size scales Grounding DINO's 800 / 1333 resize together
@@ -57,6 +57,7 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 4
     lr: float = 1e-4
+    backbone_lr_scale: float = BACKBONE_LR_SCALE  # 1 for backbones trained from scratch
     mixed_precision: str = "no"  # "no", "fp16" or "bf16"
     save_every: int = 500
     resume: bool = False
@@ -296,20 +297,24 @@ def latest_checkpoint(out: Path) -> Path | None:
 # ----------------------------------------------------------------------------- training
 
 
-def parameter_groups(model, lr: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: the image / text backbones at lr * BACKBONE_LR_SCALE, the rest at lr."""
+def parameter_groups(model, lr: float, backbone_lr_scale: float = BACKBONE_LR_SCALE) -> list[dict[str, Any]]:
+    """Two AdamW groups: the image / text backbones at lr * backbone_lr_scale, the rest at lr."""
     backbone_ids = {id(p) for m in (model.model.backbone, model.model.text_backbone) for p in m.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
     return [
         {"params": [p for p in params if id(p) not in backbone_ids], "lr": lr},
-        {"params": [p for p in params if id(p) in backbone_ids], "lr": lr * BACKBONE_LR_SCALE},
+        {"params": [p for p in params if id(p) in backbone_ids], "lr": lr * backbone_lr_scale},
     ]
 
 
-def train(config: TrainConfig) -> list[float]:
-    """Fine-tune; return the loss of each step run (from the resumed step on)."""
+def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """Fine-tune; return the loss of each step run (from the resumed step on).
+
+    `on_step(step, loss)` is called after each optimizer step (e.g. to time the steps).
+    """
     require(config.steps > 0, f"--steps must be positive, got {config.steps}")
     require(config.batch_size > 0, f"--batch-size must be positive, got {config.batch_size}")
+    require(config.backbone_lr_scale >= 0, f"--backbone-lr-scale must not be negative, got {config.backbone_lr_scale}")
     require(config.save_every > 0, f"--save-every must be positive, got {config.save_every}")
     # the coarsest feature map is 1/64 of the image; at 1 x 1 its GroupNorm fails on single images
     require(config.image_size >= 128, f"--image-size must be at least 128, got {config.image_size}")
@@ -327,7 +332,7 @@ def train(config: TrainConfig) -> list[float]:
     processor = processor_for(tokenizer, settings)
     examples = CaptionedExamples(coco, tokenizer, config.seed, model.config.max_text_len)
 
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.lr), weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.lr, config.backbone_lr_scale), weight_decay=WEIGHT_DECAY)
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.steps // 20, config.steps)
     start = load_training_state(resume_from, optimizer, scheduler, accelerator.scaler) if resume_from else 0
     # the scheduler is not prepared: accelerate would step it once per process per step
@@ -351,6 +356,8 @@ def train(config: TrainConfig) -> list[float]:
         require(math.isfinite(losses[-1]), f"step {step}: the loss is {losses[-1]}; lower --lr or use --mixed-precision no")
         bar.update()
         bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if on_step is not None:
+            on_step(step, losses[-1])
         if step % config.save_every == 0 or step == config.steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
@@ -387,7 +394,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="run directory: checkpoint-STEP/ and model/")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="images per step and process")
-    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="AdamW learning rate (backbones: lr / 10)")
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="AdamW learning rate")
+    parser.add_argument(
+        "--backbone-lr-scale", type=float, default=TrainConfig.backbone_lr_scale,
+        help="the image and text backbones learn at lr times this (1 for backbones trained from scratch)",
+    )
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=TrainConfig.mixed_precision)
     parser.add_argument("--save-every", type=int, default=TrainConfig.save_every, help="checkpoint every N steps")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")

@@ -18,7 +18,16 @@ from transformers.models.grounding_dino.modeling_grounding_dino import build_lab
 from detector.cli import main
 from detector.model import image_settings, load_detector
 from detector.prompt import build_caption, positive_map
-from detector.train import CaptionedExamples, CocoDetection, TrainConfig, collate, model_inputs, train, training_settings
+from detector.train import (
+    CaptionedExamples,
+    CocoDetection,
+    TrainConfig,
+    collate,
+    model_inputs,
+    parameter_groups,
+    train,
+    training_settings,
+)
 from gligen.errors import UserError
 from tests.tiny_detector import save_tiny_detector
 
@@ -139,6 +148,21 @@ def test_resume_repeats_the_uninterrupted_run(data):
     optimizer = load_file(out / "checkpoint-6" / "training_state.safetensors")
     assert torch.equal(optimizer["optimizer.0.step"], torch.tensor(6.0))
 
+
+def test_backbone_lr_scale_and_step_callback(data):
+    model, _, _ = load_detector(str(data[3]))
+    backbones = {id(p) for m in (model.model.backbone, model.model.text_backbone) for p in m.parameters() if p.requires_grad}
+    default, scratch = parameter_groups(model, 1e-3), parameter_groups(model, 1e-3, backbone_lr_scale=1.0)
+    assert [g["lr"] for g in default] == [1e-3, 1e-4] and [g["lr"] for g in scratch] == [1e-3, 1e-3]
+    assert {id(p) for p in scratch[1]["params"]} == backbones
+    calls = []
+    losses = train(config(data, "run_scale", steps=2, save_every=2, backbone_lr_scale=1.0),
+                   on_step=lambda step, loss: calls.append((step, loss)))
+    assert calls == list(enumerate(losses, 1))
+    state = json.loads((Path(data[0]) / "run_scale" / "checkpoint-2" / "training_state.json").read_text())
+    assert [g["initial_lr"] for g in state["param_groups"]] == [1e-3, 1e-3]
+    with pytest.raises(UserError, match="--backbone-lr-scale must not be negative, got -1"):
+        train(config(data, "run_negative", backbone_lr_scale=-1))
 
 def test_bad_inputs(data, tmp_path):
     root, images, annotations, model = data
