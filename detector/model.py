@@ -35,6 +35,7 @@ from transformers import (
 from transformers.models.grounding_dino import GroundingDinoImageProcessorPil
 
 from detector.preprocess import ImageSettings
+from gligen.demo import resolve_model
 from gligen.errors import UserError
 from gligen.safe_pickle import inert_objects, load_checkpoint
 
@@ -86,7 +87,11 @@ def image_settings(path_or_id: str) -> ImageSettings:
 
 
 def load_detector(path_or_id: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """(model in eval mode on `device` in `dtype`, fast tokenizer, image settings) of a checkpoint."""
+    """(model in eval mode on `device` in `dtype`, fast tokenizer, image settings) of a checkpoint.
+
+    `"demo"` names the bundled shapes-world detector (`gligen.demo`).
+    """
+    path_or_id = resolve_model(path_or_id, "detector")
     config = load_config(path_or_id)
     try:
         model = MODEL_CLASSES[config.model_type].from_pretrained(path_or_id, dtype=dtype)

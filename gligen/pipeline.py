@@ -39,6 +39,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from gligen.adapter import GroundingAdapter
+from gligen.demo import DEMO, resolve_model
 from gligen.errors import UserError
 from gligen.grounding import GroundingInputs, encode_images, encode_phrases, pad_entities, scatter_embeds
 from gligen.layout import MAX_ENTITIES, Layout
@@ -150,12 +151,17 @@ class GligenPipeline:
     ) -> GligenPipeline:
         """Load a diffusers SD directory or hub id plus an adapter directory, or a diffusers GLIGEN pipeline.
 
+        `"demo"` is the bundled shapes-world base with its adapter (`gligen.demo`).
+
         A GLIGEN pipeline (`StableDiffusionGLIGENPipeline` or `...TextImagePipeline`) has its UNet
         split into the plain base and its adapter; a given `adapter` replaces the one inside.
         `image_encoder` (a CLIP vision directory or hub id) serves text-image-box adapters on a plain
         base; a GLIGEN text-image pipeline brings its own. `scheduler` replaces the model's scheduler
         (a short name such as 'ddim', 'euler_a', 'dpmpp' or a diffusers class name).
         """
+        if model == DEMO:  # the bundled shapes world: base and adapter together
+            adapter = adapter or DEMO
+        model, adapter = resolve_model(model, "base"), adapter and resolve_model(adapter, "adapter")
         index = _model_index(model)
         components = {name: _load_component(model, index, name, dtype) for name in
                       ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}

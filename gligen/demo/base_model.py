@@ -1,0 +1,152 @@
+"""The tiny base text-to-image model of the demo world, in the Stable Diffusion architecture.
+
+Same component classes as SD 1.x (AutoencoderKL, UNet2DConditionModel, CLIPTextModel,
+CLIPTokenizer, a DDIM scheduler with SD's noise schedule), so every code path that runs on
+SD runs on it: `StableDiffusionPipeline`, `GligenPipeline`, `GroundingAdapter.for_unet`.
+Only the sizes shrink: 64x64 images, 16x16x4 latents (a 1M-parameter autoencoder), a
+3.4M-parameter UNet with 128-dim cross-attention, and a 0.9M-parameter 4-layer text
+encoder over a word-level vocabulary learned from the training captions: about 10 MB in
+fp16, leaving room in the demo bundle for the adapter (~2.4 MB) and the detector.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+# SD 1.x's noise schedule, so schedulers and GLIGEN's sampling behave as on the real base.
+NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+@dataclass(frozen=True)
+class BaseModelConfig:
+    """Sizes of the base model's networks.
+
+    `vae_channels` has one entry per VAE level (each but the last halves the resolution:
+    3 levels map 64x64 images to 16x16 latents). `unet_channels` likewise for the UNet;
+    the first `attention_levels` UNet levels (and the middle block) carry cross-attention,
+    with `unet_heads[i]` heads at level i.
+    """
+
+    image_size: int = 64
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    latent_channels: int = 4
+    unet_channels: tuple[int, ...] = (48, 96, 96)
+    unet_heads: tuple[int, ...] = (2, 3, 3)
+    attention_levels: int = 2
+    norm_groups: int = 16
+    text_dim: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    max_length: int = 32
+
+    @classmethod
+    def tiny(cls) -> BaseModelConfig:
+        """A ~100k-parameter version for tests: 16x16 images, 8x8 latents."""
+        return cls(
+            image_size=16, vae_channels=(8, 16), unet_channels=(16, 32), unet_heads=(1, 2),
+            attention_levels=2, norm_groups=8, text_dim=16, text_layers=1, text_heads=2,
+        )
+
+    @classmethod
+    def cpu(cls) -> BaseModelConfig:
+        """A version that trains on a laptop CPU in minutes: 32x32 images, 8x8 latents."""
+        return cls(
+            image_size=32, vae_channels=(16, 32, 32), unet_channels=(32, 64, 64), unet_heads=(2, 2, 2),
+            attention_levels=2, norm_groups=8, text_dim=64, text_layers=2, text_heads=2,
+        )
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 2 ** (len(self.vae_channels) - 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BaseModelConfig:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def build_tokenizer(captions: Iterable[str], max_length: int = 32) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer whose merges make every word of `captions` a single token.
+
+    The vocabulary holds all 256 byte-level characters (alone and word-final), so any text
+    still tokenizes, unknown words falling back to characters. Merges come from BPE training
+    (the `tokenizers` trainer) on the captions, run until no pair is left to merge.
+    """
+    clip = CLIPTokenizer(vocab={BOS: 0, EOS: 1}, merges=[]).backend_tokenizer  # CLIP's normalizer + word split
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    bpe.normalizer, bpe.pre_tokenizer = clip.normalizer, clip.pre_tokenizer
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=1_000_000, min_frequency=1, initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False
+    )
+    bpe.train_from_iterator(captions, trainer)
+    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    vocab = dict.fromkeys(alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges] + [BOS, EOS])
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=max_length)
+
+
+def build_text_encoder(config: BaseModelConfig, tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    """A CLIP text encoder sized by `config`; its pooled output is the EOS token (as in CLIP)."""
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=config.text_dim, intermediate_size=4 * config.text_dim,
+        num_hidden_layers=config.text_layers, num_attention_heads=config.text_heads,
+        max_position_embeddings=config.max_length, projection_dim=config.text_dim,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+
+
+def build_vae(config: BaseModelConfig) -> AutoencoderKL:
+    """An SD-style KL autoencoder: (B, 3, S, S) in [-1, 1] <-> (B, latent_channels, S/f, S/f)."""
+    levels = len(config.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=config.latent_channels,
+        block_out_channels=config.vae_channels, layers_per_block=1, norm_num_groups=config.norm_groups,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        sample_size=config.image_size,
+    )
+
+
+def build_unet(config: BaseModelConfig) -> UNet2DConditionModel:
+    """An SD-style conditional UNet over the latents: cross-attention at the first levels and the middle."""
+    levels = len(config.unet_channels)
+    attention = [i < config.attention_levels for i in range(levels)]
+    return UNet2DConditionModel(
+        sample_size=config.latent_size, in_channels=config.latent_channels, out_channels=config.latent_channels,
+        block_out_channels=config.unet_channels, layers_per_block=1, norm_num_groups=config.norm_groups,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+        cross_attention_dim=config.text_dim,
+        attention_head_dim=config.unet_heads,  # diffusers' name; SD configs use it as the number of heads
+    )
+
+
+def training_scheduler() -> DDPMScheduler:
+    """The noise schedule used to train (epsilon prediction)."""
+    return DDPMScheduler(**NOISE_SCHEDULE, prediction_type="epsilon", clip_sample=False)
+
+
+def sampling_scheduler() -> DDIMScheduler:
+    """The scheduler saved with the pipeline: DDIM over the training schedule, as SD's configs set it."""
+    return DDIMScheduler(
+        **NOISE_SCHEDULE, prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1
+    )
+
+
+def assemble_pipeline(
+    vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, unet: UNet2DConditionModel
+) -> StableDiffusionPipeline:
+    """The components as a text-to-image `StableDiffusionPipeline` (no safety checker)."""
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sampling_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
