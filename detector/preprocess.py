@@ -90,7 +90,7 @@ def _resample_last_axis(x: torch.Tensor, out_size: int) -> torch.Tensor:
 
 
 def pil_bilinear_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Resize like `PIL.Image.resize(..., BILINEAR)`. image: (C, H, W) uint8 -> (C, height, width) uint8."""
+    """Resize like `PIL.Image.resize(..., BILINEAR)`. image: (..., C, H, W) uint8 -> (..., C, height, width) uint8."""
     x = image.to(torch.int32)
     if x.shape[-1] != width:
         x = _resample_last_axis(x, width)
@@ -99,10 +99,10 @@ def pil_bilinear_resize(image: torch.Tensor, height: int, width: int) -> torch.T
     return x.to(torch.uint8)
 
 
-def image_tensor(image: Image.Image, device: torch.device | str) -> torch.Tensor:
-    """A PIL image as a (3, H, W) uint8 RGB tensor on `device`."""
-    array = np.array(image.convert("RGB"))  # a writable copy, as torch.from_numpy wants
-    return torch.from_numpy(array).to(device, non_blocking=True).permute(2, 0, 1)
+def image_tensor(images: list[Image.Image], device: torch.device | str) -> torch.Tensor:
+    """Same-sized PIL images as one (N, 3, H, W) uint8 RGB tensor on `device` (one copy to the device)."""
+    array = np.stack([np.asarray(image.convert("RGB")) for image in images])
+    return torch.from_numpy(array).to(device, non_blocking=True).permute(0, 3, 1, 2)
 
 
 def preprocess(
@@ -116,8 +116,11 @@ def preprocess(
     mask = torch.zeros(len(images), height, width, dtype=torch.long, device=device)
     mean = torch.tensor(settings.mean, dtype=torch.float32, device=device)[:, None, None]
     std = torch.tensor(settings.std, dtype=torch.float32, device=device)[:, None, None]
-    for i, (image, (h, w)) in enumerate(zip(images, sizes)):
-        resized = pil_bilinear_resize(image_tensor(image, device), h, w)
-        values[i, :, :h, :w] = (resized.to(torch.float32) * (1 / 255) - mean) / std
-        mask[i, :h, :w] = 1
+    groups: dict[tuple[int, int, int, int], list[int]] = {}  # images of one size resize as one batch
+    for i, (image, size) in enumerate(zip(images, sizes)):
+        groups.setdefault((image.height, image.width, *size), []).append(i)
+    for (_, _, h, w), members in groups.items():
+        resized = pil_bilinear_resize(image_tensor([images[i] for i in members], device), h, w)
+        values[members, :, :h, :w] = (resized.to(torch.float32) * (1 / 255) - mean) / std
+        mask[members, :h, :w] = 1
     return ImageBatch(pixel_values=values.to(dtype), pixel_mask=mask)

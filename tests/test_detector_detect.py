@@ -48,6 +48,18 @@ def test_preprocessing_equals_processor_at_800_1333():
     assert (ours.pixel_values - ref["pixel_values"]).abs().max() < 1e-5
 
 
+def test_preprocessing_resizes_same_sized_images_together():
+    # images of one size are resized as one batch; the others' padding and order must not change
+    images = [random_image(64, 64, 6), random_image(90, 40, 7), random_image(64, 64, 8), random_image(64, 64, 9)]
+    settings = ImageSettings(shortest_edge=128, longest_edge=213)
+    size = {"shortest_edge": 128, "longest_edge": 213}
+    ref = GroundingDinoImageProcessorPil(size=size)(images=images, return_tensors="pt")
+    ours = preprocess(images, settings, "cpu", torch.float32)
+    assert ours.pixel_values.shape == ref["pixel_values"].shape == (4, 3, 213, 128)
+    assert torch.equal(ours.pixel_mask, ref["pixel_mask"])
+    assert (ours.pixel_values - ref["pixel_values"]).abs().max() < 1e-5
+
+
 def special_token_ids(tokenizer) -> torch.Tensor:
     return torch.tensor(tokenizer.convert_tokens_to_ids(["[CLS]", "[SEP]", "."]))
 
