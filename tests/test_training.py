@@ -370,3 +370,17 @@ def test_text_image_box_needs_a_full_clip_model_that_fits(setup, text_image):
     narrow = save_clip(setup["root"] / "clip_narrow", text_hidden=16)
     with pytest.raises(UserError, match="its text projection maps to 16 dims, but the base's text encoder has 32"):
         Trainer(text_image_config(setup, {**text_image, "clip": narrow}, "narrow"))
+
+
+def test_gate_lr_scale_moves_only_the_gates_faster(setup):
+    """Adam's first step moves each parameter by about lr: the gates by lr * gate_lr_scale, the rest by lr."""
+    common = ("max_steps=1", "grounding_drop=0", "data.caption_drop=0", "optim.lr_schedule=constant")
+    moved = {}
+    for scale in (1, 10):
+        trainer = Trainer(config(setup, f"gate_scale_{scale}", *common, f"optim.gate_lr_scale={scale}"))
+        before = adapter_tensors(trainer)
+        trainer.train()
+        moved[scale] = {k: (v - before[k]).abs().max().item() for k, v in adapter_tensors(trainer).items()}
+    gates = [k for k in moved[1] if k.endswith(("alpha_attn", "alpha_dense"))]
+    assert gates and all(moved[10][k] == pytest.approx(10 * moved[1][k], rel=1e-3) for k in gates)
+    assert all(moved[10][k] == pytest.approx(moved[1][k], rel=1e-4) for k in moved[1] if k not in gates)

@@ -56,6 +56,7 @@ class OptimConfig:
     warmup_steps: int = 10000
     lr_schedule: Literal["constant", "cosine"] = "constant"
     max_grad_norm: float = 1.0
+    gate_lr_scale: float = 1.0  # the fusers' zero-initialised gates learn at lr * this (they move slowly)
 
 
 @dataclass

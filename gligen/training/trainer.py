@@ -186,9 +186,13 @@ class Trainer:
             unet.enable_gradient_checkpointing()
         unet.train()  # gradient checkpointing only acts in training mode; SD UNets have no dropout
 
-        self.trainable = [p for p in self.adapter.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.adapter.named_parameters() if p.requires_grad]
+        self.trainable = [p for _, p in named]
+        gates = [p for n, p in named if n.rsplit(".", 1)[-1] in ("alpha_attn", "alpha_dense")]
+        others = [p for n, p in named if n.rsplit(".", 1)[-1] not in ("alpha_attn", "alpha_dense")]
         optimizer = torch.optim.AdamW(
-            self.trainable, lr=config.optim.lr, betas=tuple(config.optim.betas), weight_decay=config.optim.weight_decay
+            [{"params": others}, {"params": gates, "lr": config.optim.lr * config.optim.gate_lr_scale}],
+            lr=config.optim.lr, betas=tuple(config.optim.betas), weight_decay=config.optim.weight_decay,
         )
         # stepped by us once per update (accelerate would step it once per process)
         self.lr_scheduler = get_scheduler(
