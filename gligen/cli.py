@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Sequence
 
 from gligen.errors import run_cli
@@ -27,9 +26,10 @@ def _registrations():
     return [generate, convert, data, evaluate]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    sys.exit(run_cli(build_parser(), argv))
+def main(argv: Sequence[str] | None = None) -> int:
+    """The exit status: 0, 1 for a user error; argparse exits with 2 itself on a usage error."""
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
