@@ -187,6 +187,16 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], where: str) 
     module.load_state_dict(state)
 
 
+def _build(model_class: type, config: dict, source: dict, converted: dict, where: str) -> nn.Module:
+    """`model_class(**config)` holding `converted`; a UserError names the first `source` tensor left unmapped."""
+    unmapped = _first_unmapped(source, converted)
+    if unmapped is not None:
+        raise UserError(f"{where}: key {unmapped} does not map to a diffusers {model_class.__name__}")
+    model = model_class(**config)
+    _load_strict(model, converted, where)
+    return model.eval()
+
+
 def official_unet(checkpoint: dict, config: dict, where: str = "model") -> UNet2DConditionModel:
     """The release's `model` (LDM names) as a diffusers GLIGEN UNet (attention_type gated / gated-text-image)."""
     state = checkpoint["model"]
@@ -199,12 +209,7 @@ def official_unet(checkpoint: dict, config: dict, where: str = "model") -> UNet2
     unet_config["attention_type"] = "gated-text-image" if image else "gated"
     converted = convert_ldm_unet_checkpoint(prefixed, unet_config)
     converted.update({k: v for k, v in state.items() if k.startswith("position_net.")})
-    unmapped = _first_unmapped(state, converted)
-    if unmapped is not None:
-        raise UserError(f"{where}: key {unmapped} does not map to a diffusers UNet")
-    unet = UNet2DConditionModel(**unet_config)
-    _load_strict(unet, converted, where)
-    return unet.eval()
+    return _build(UNet2DConditionModel, unet_config, state, converted, where)
 
 
 def official_vae(checkpoint: dict, config: dict, where: str = "autoencoder") -> AutoencoderKL:
@@ -212,12 +217,7 @@ def official_vae(checkpoint: dict, config: dict, where: str = "autoencoder") -> 
     state = _section(checkpoint, "autoencoder", where)
     vae_config = create_vae_diffusers_config_from_ldm(_ldm_config(config), state)
     converted = convert_ldm_vae_checkpoint(state, vae_config)
-    unmapped = _first_unmapped(state, converted)
-    if unmapped is not None:
-        raise UserError(f"{where}: key {unmapped} does not map to a diffusers AutoencoderKL")
-    vae = AutoencoderKL(**vae_config)
-    _load_strict(vae, converted, where)
-    return vae.eval()
+    return _build(AutoencoderKL, vae_config, state, converted, where)
 
 
 def official_text_encoder(checkpoint: dict, where: str = "text_encoder") -> CLIPTextModel:
