@@ -16,7 +16,7 @@ Output directory:
     checkpoints/checkpoint-00005000/  adapter/ (the adapter to generate with), training state
     adapter/                          the final adapter (`gligen generate --adapter DIR/adapter`)
     validation/step-00005000.png      validation grids
-    logs/                             TensorBoard events, or metrics.jsonl without tensorboard
+    logs/                             metrics.jsonl, and TensorBoard events when tensorboard is installed
 """
 
 from __future__ import annotations
@@ -325,7 +325,7 @@ class Trainer:
         if self.log_to_tensorboard:
             accelerator.init_trackers("gligen", config=_flat(asdict(config)))
         elif accelerator.is_main_process:
-            logger.warning("tensorboard is not installed: logging metrics to %s", self.metrics_path)
+            logger.warning("tensorboard is not installed: logging metrics to %s only", self.metrics_path)
         dataset = ShardDataset(
             config.data, config.batch_size, config.seed, accelerator.process_index, accelerator.num_processes,
             self.positions, with_references=self.adapter.config.feature_type == "text-image-box",
@@ -416,7 +416,7 @@ class Trainer:
     def log(self, metrics: dict[str, float]) -> None:
         if self.log_to_tensorboard:
             self.accelerator.log(metrics, step=self.step)
-        elif self.accelerator.is_main_process:
+        if self.accelerator.is_main_process:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps({"step": self.step, **metrics}) + "\n")
@@ -459,8 +459,7 @@ class Trainer:
 
             self.accelerator.get_tracker("tensorboard").writer.add_image(
                 "validation", np.asarray(grid), self.step, dataformats="HWC")
-        else:
-            self.log({"validation_grid": str(path)})
+        self.log({"validation_grid": str(path)})
         return path
 
     # --- checkpoints ---
