@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _registrations():
-    # Imported here so that `gligen --help` stays fast and each command loads only its own code.
+    """Each command module's `register(subparsers)`, which adds its subcommand."""
     from gligen.convert import register as convert
     from gligen.data.cli import register as data
     from gligen.eval.cli import register as evaluate
