@@ -113,6 +113,14 @@ class AnyNode(DictConfig):
 L = 1  # layers per block (LDM num_res_blocks) of the tiny models
 
 
+def renamed(key, prefixes):
+    """(`key` with the first matching (old, new) prefix replaced, that old prefix or None)."""
+    for old, new in prefixes:
+        if key.startswith(old):
+            return new + key[len(old):], old
+    return key, None
+
+
 def ldm_unet(state, levels=2):
     """diffusers UNet names -> LDM openaimodel names (the inverse of the conversion, written out here)."""
     resnet = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
@@ -132,16 +140,12 @@ def ldm_unet(state, levels=2):
         prefixes.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{(L + 1) * i + L}.2."))
     out = {}
     for key, value in state.items():
-        new = key
-        for old, ldm in prefixes:
-            if key.startswith(old):
-                new = ldm + key[len(old):]
-                if ".resnets." in old:
-                    for a, b in resnet:
-                        new = new.replace(f".{a}.", f".{b}.")
-                break
-        else:
+        new, old = renamed(key, prefixes)
+        if old is None:
             assert key.startswith("position_net."), key
+        elif ".resnets." in old:
+            for a, b in resnet:
+                new = new.replace(f".{a}.", f".{b}.")
         out[new] = value.clone()
     return out
 
@@ -160,12 +164,7 @@ def ldm_vae(state, levels=2):
     attention = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")]
     out = {}
     for key, value in state.items():
-        new = key
-        for old, ldm in prefixes:
-            if key.startswith(old):
-                new = ldm + key[len(old):]
-                break
-        new = new.replace("conv_shortcut", "nin_shortcut")
+        new = renamed(key, prefixes)[0].replace("conv_shortcut", "nin_shortcut")
         if ".mid.attn_1." in new:
             for a, b in attention:
                 new = new.replace(f".attn_1.{a}", f".attn_1.{b}")
