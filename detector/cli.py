@@ -55,7 +55,7 @@ def write_outputs(report: dict, out: str | None, overlay_dir: str | None, paths:
 
 
 def run_detect(args: argparse.Namespace) -> None:
-    from detector.detect import open_image
+    from gligen.files import open_image
 
     require(len(args.phrases) > 0, "--phrases is empty: give at least one phrase to detect")
     images = [open_image(path) for path in args.images]

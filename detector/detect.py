@@ -25,7 +25,7 @@ from detector.box_ops import batched_nms, cxcywh_to_xyxy
 from detector.model import load_detector
 from detector.preprocess import ImageSettings, preprocess
 from detector.prompt import Prompt, positive_map, split_prompts
-from gligen.errors import UserError, require
+from gligen.errors import require
 
 
 @dataclass
@@ -248,13 +248,3 @@ class OpenSetDetector:
         else:
             keep = scores.argsort(descending=True, stable=True)
         return Detections(boxes[keep], scores[keep], ids[keep], list(phrases), size)
-
-
-def open_image(path) -> Image.Image:
-    """Open an image file fully (decoded now, so a corrupt file fails here); a `UserError` naming it."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise UserError(f"{path}: cannot read the image ({error.__class__.__name__}: {error})") from error

@@ -35,11 +35,11 @@ from typing import Sequence
 
 from PIL import Image
 
-from detector.detect import Detections, OpenSetDetector, open_image
+from detector.detect import Detections, OpenSetDetector
 from detector.prompt import normalize_phrase
 from gligen.draw import draw_boxes
 from gligen.errors import UserError, require
-from gligen.files import save_image
+from gligen.files import open_image, save_image
 from gligen.layout import Entity, Layout, Span, save_layouts
 
 _TOKEN = re.compile(r"[A-Za-z0-9]+(?:['’-][A-Za-z0-9]+)*|[^\sA-Za-z0-9]")

@@ -35,12 +35,11 @@ from tqdm.auto import tqdm
 from transformers import GroundingDinoProcessor, get_cosine_schedule_with_warmup
 from transformers.models.grounding_dino import GroundingDinoImageProcessorPil
 
-from detector.detect import open_image
 from detector.model import load_detector
 from detector.preprocess import ImageSettings, preprocess
 from detector.prompt import MAX_TEXT_TOKENS, build_caption, normalize_phrase
 from gligen.errors import UserError, require
-from gligen.files import write_json
+from gligen.files import open_image, write_json
 
 BACKBONE_LR_SCALE = 0.1  # DETR / GroundingDINO fine-tuning: pretrained image and text backbones learn 10x slower
 WEIGHT_DECAY = 1e-4

@@ -20,10 +20,11 @@ import torch
 from PIL import Image
 
 from detector.box_ops import box_iou
-from detector.detect import Detections, OpenSetDetector, open_image
+from detector.detect import Detections, OpenSetDetector
 from detector.prompt import normalize_phrase
 from gligen.draw import PALETTE, draw_boxes
 from gligen.errors import UserError, require
+from gligen.files import open_image
 from gligen.layout import Box, Layout, load_layouts
 
 

@@ -9,7 +9,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from gligen.errors import UserError
 
 
 @contextlib.contextmanager
@@ -50,3 +52,15 @@ def save_image(path: str | os.PathLike, image: Image.Image) -> None:
     path = Path(path)
     with atomic_path(path) as tmp:
         image.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """An RGB image decoded now, so that a missing or corrupt file fails here with a UserError naming it."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"{path}: image not found") from None
+    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as error:
+        raise UserError(f"{path}: cannot read the image ({error})") from None

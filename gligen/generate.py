@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from gligen.devices import DTYPES, parse_device, parse_dtype
 from gligen.draw import draw_boxes
 from gligen.errors import require
-from gligen.files import save_image, write_json
+from gligen.files import open_image, save_image, write_json
 from gligen.layout import MAX_ENTITIES, Entity, Layout, load_layouts
 from gligen.schedule import DEFAULT_SCHEDULE, parse_schedule, schedule_from_beta
 
@@ -78,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from gligen.pipeline import GligenPipeline, open_image
+    from gligen.pipeline import GligenPipeline
 
     schedule = _schedule(args)
     _check_numbers(args)
@@ -185,7 +185,6 @@ def _detector(name: str, device: torch.device):
 def _layout_from_image(args: argparse.Namespace, detector) -> list[Job]:
     """One job: the layout the detector finds in --layout-from (caption noun phrases, or --phrases)."""
     from detector.label import label
-    from gligen.pipeline import open_image
 
     image = open_image(args.layout_from)
     if args.caption:

@@ -35,12 +35,13 @@ from diffusers import DiffusionPipeline, ModelMixin
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
 from gligen.adapter import GroundingAdapter
 from gligen.demo import DEMO, resolve_model
 from gligen.errors import UserError
+from gligen.files import open_image
 from gligen.grounding import GroundingInputs, encode_images, encode_phrases, pad_entities, scatter_embeds
 from gligen.layout import MAX_ENTITIES, Layout
 from gligen.schedule import DEFAULT_SCHEDULE, Schedule, grounding_scales
@@ -375,18 +376,6 @@ def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
     crop_w, crop_h = min(w, h * width / height), min(h, w * height / width)
     box = ((w - crop_w) / 2, (h - crop_h) / 2, (w + crop_w) / 2, (h + crop_h) / 2)
     return image.crop(box).resize((width, height), Image.LANCZOS)
-
-
-def open_image(path: str | Path) -> Image.Image:
-    """An RGB image read fully now, so that a missing or corrupt file fails here with a UserError naming it."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise UserError(f"{path}: image not found") from None
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
-        raise UserError(f"{path}: cannot read the image ({error})") from None
 
 
 def _model_index(model: str) -> dict:

@@ -215,7 +215,8 @@ def test_score_real_images_lvis(tmp_path, tiny_detector):
     assert [(i["width"], i["height"]) for i in gt["images"]] == [(160, 120), (80, 64)]  # the real images' pixels
 
     # The layout checks come from the AP detection pass; they equal a separate `detector verify` pass.
-    from detector.detect import OpenSetDetector, open_image
+    from detector.detect import OpenSetDetector
+    from gligen.files import open_image
     from detector.verify import summarize, verify_batch
 
     records = [r for r in load_eval_set(annotations).records if r.image_id != 2]

@@ -127,7 +127,7 @@ def score_images(
     One detector pass serves both AP (all detections) and the layout checks (those over
     `settings.verify_threshold`, matched to the entities by `detector.verify.match_entities`).
     """
-    from detector.detect import open_image
+    from gligen.files import open_image
     from detector.verify import match_entities
 
     out_dir = Path(out_dir)
