@@ -118,21 +118,6 @@ class GroundingInputs:
         )
 
 
-@torch.no_grad()
-def encode_phrases(text_encoder: nn.Module, tokenizer, phrases: Sequence[str]) -> torch.Tensor:
-    """Phrase embeddings: the text encoder's `pooler_output` for each phrase alone. -> (len(phrases), D)
-
-    For CLIP this is the EOS token after the final LayerNorm, before projection.
-    """
-    device = next(text_encoder.parameters()).device
-    if not phrases:
-        return torch.zeros(0, text_encoder.config.hidden_size, device=device)
-    tokens = tokenizer(
-        list(phrases), padding=True, truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
-    ).to(device)
-    return text_encoder(**tokens).pooler_output
-
-
 # Reference image embeddings are scaled to this norm, the typical norm of CLIP text features.
 IMAGE_EMBED_NORM = 28.7
 

@@ -1,10 +1,10 @@
-"""GligenPipeline: layouts in, images out, on any diffusers Stable Diffusion base plus a grounding adapter.
+"""GligenPipeline: layouts in, images out, on a diffusers Stable Diffusion base (1.x, 2.x, XL) plus a grounding adapter.
 
 One call of the pipeline:
 1. each layout keeps at most `max_entities` entities (the largest), padded to `max_entities` slots;
-2. prompts and phrases (and reference images) are encoded, and the grounding tokens computed
-   ONCE for the whole call, with the null grounding for the unconditional half of
-   classifier-free guidance;
+2. prompts and phrases (and reference images) are encoded (`gligen.prompts`: one text encoder,
+   or SDXL's two), and the grounding tokens computed ONCE for the whole call, with the null
+   grounding for the unconditional half of classifier-free guidance;
 3. the denoising loop runs ONE batched UNet call per step, [unconditional; conditional], the
    fusers at the step's scheduled-sampling scale (none at all at scale 0);
 4. the latents are decoded and post-processed as diffusers' pipelines do.
@@ -42,8 +42,9 @@ from gligen.adapter import GroundingAdapter
 from gligen.demo import DEMO, resolve_model
 from gligen.errors import UserError
 from gligen.files import open_image
-from gligen.grounding import GroundingInputs, encode_images, encode_phrases, pad_entities, scatter_embeds
+from gligen.grounding import GroundingInputs, encode_images, pad_entities, scatter_embeds
 from gligen.layout import MAX_ENTITIES, Layout
+from gligen.prompts import PromptEmbeds, PromptEncoder, time_ids
 from gligen.schedule import DEFAULT_SCHEDULE, Schedule, grounding_scales
 
 SCHEDULERS = {
@@ -98,11 +99,17 @@ class GligenPipeline:
 
     `adapter` (a `GroundingAdapter`, or None for plain Stable Diffusion) is attached to `unet`
     here; `image_encoder` / `image_processor` (CLIP vision) are needed for reference images only.
+    An SDXL base also gives `text_encoder_2` and `tokenizer_2`; with `force_zeros_for_empty_prompt`
+    (SDXL's default) an empty negative prompt is the zero embedding, as in diffusers.
     """
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, adapter: GroundingAdapter | None = None,
-                 image_encoder=None, image_processor=None):
+                 image_encoder=None, image_processor=None, text_encoder_2=None, tokenizer_2=None,
+                 force_zeros_for_empty_prompt: bool = True):
         self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.prompt_encoder = PromptEncoder(tokenizer, text_encoder, tokenizer_2, text_encoder_2)
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.unet, self.scheduler, self.adapter = unet, scheduler, adapter
         self.image_encoder, self.image_processor = image_encoder, image_processor
         if adapter is not None:
@@ -163,9 +170,13 @@ class GligenPipeline:
         if model == DEMO:  # the bundled shapes world: base and adapter together
             adapter = adapter or DEMO
         model, adapter = resolve_model(model, "base"), adapter and resolve_model(adapter, "adapter")
-        index = _model_index(model)
-        components = {name: _load_component(model, index, name, dtype) for name in
-                      ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+        index = model_index(model)
+        names = ["vae", "text_encoder", "tokenizer", "unet", "scheduler"] + (SDXL_COMPONENTS if is_sdxl(index) else [])
+        components = {name: load_component(model, index, name, dtype) for name in names}
+        if is_sdxl(index):
+            components["force_zeros_for_empty_prompt"] = index.get("force_zeros_for_empty_prompt", True)
+            if dtype == torch.float16 and components["vae"].config.force_upcast:
+                components["vae"].to(torch.float32)  # SDXL's VAE overflows in fp16 (diffusers upcasts it too)
         if scheduler is not None:
             components["scheduler"] = make_scheduler(scheduler, components["scheduler"].config)
         unet = components["unet"]
@@ -175,14 +186,15 @@ class GligenPipeline:
 
             projection = None
             if "image_project" in index:
-                projection = _load_component(model, index, "image_project", dtype).project
-                image_model = _load_component(model, index, "image_encoder", dtype)
-                image_processor = _load_component(model, index, "processor", dtype)
+                projection = load_component(model, index, "image_project", dtype).project
+                image_model = load_component(model, index, "image_encoder", dtype)
+                image_processor = load_component(model, index, "processor", dtype)
             components["unet"], inside = split_gligen_unet(unet, projection)
         grounding = GroundingAdapter.from_pretrained(adapter, dtype) if adapter is not None else inside
         if image_encoder is not None:
             image_model, image_processor = _load_image_encoder(image_encoder, dtype)
-        for module in (components["vae"], components["text_encoder"], components["unet"], image_model):
+        for module in (components["vae"], components["text_encoder"], components.get("text_encoder_2"),
+                       components["unet"], image_model):
             if module is not None:
                 module.to(device)
         pipeline = cls(adapter=grounding, image_encoder=image_model, image_processor=image_processor, **components)
@@ -249,6 +261,7 @@ class GligenPipeline:
         guided = guidance_scale > 1.0
         generators = [torch.Generator("cpu").manual_seed(layout.seed) for layout in layouts]
         text = self.encode_prompts(layouts, guided)
+        unet_kwargs = text.unet_kwargs(self.time_ids(layouts, guided) if text.pooled is not None else None)
         tokens = None
         if self.adapter is not None:
             grounding = self.grounding_inputs(layouts, slots)
@@ -274,7 +287,7 @@ class GligenPipeline:
             if inpainting is not None:
                 model_input = torch.cat([model_input, inpainting.condition(2 if guided else 1)], dim=1)
             kwargs = self.adapter.cross_attention_kwargs(tokens, scales[i]) if tokens is not None else None
-            noise_pred = self.unet(model_input, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs).sample
+            noise_pred = self.unet(model_input, t, cross_attention_kwargs=kwargs, **unet_kwargs).sample
             if guided:
                 uncond, cond = noise_pred.chunk(2)
                 noise_pred = uncond + guidance_scale * (cond - uncond)
@@ -282,26 +295,37 @@ class GligenPipeline:
 
         if output_type == "latent":
             return list(latents)
-        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        latents = (latents / self.vae.config.scaling_factor).to(self.vae.dtype)
+        image = self.vae.decode(latents, return_dict=False)[0]
         return list(self.vae_processor.postprocess(image, output_type=output_type))
 
-    def encode_prompts(self, layouts: Sequence[Layout], guided: bool) -> torch.Tensor:
-        """Text encoder hidden states (B,L,C), or [negative prompts; prompts] (2B,L,C) when guided."""
+    def encode_prompts(self, layouts: Sequence[Layout], guided: bool) -> PromptEmbeds:
+        """Prompt embeddings of B layouts, or of [negative prompts; prompts] (2B rows) when guided."""
         texts = [layout.prompt for layout in layouts]
         if guided:
             texts = [layout.negative_prompt for layout in layouts] + texts
-        tokens = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt")
-        use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)  # as diffusers' encode_prompt
-        mask = tokens.attention_mask.to(self.device) if use_mask else None
-        return self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0].to(self.dtype)
+        embeds = self.prompt_encoder.prompts(texts)
+        pooled = None if embeds.pooled is None else embeds.pooled.to(self.dtype)
+        embeds = PromptEmbeds(embeds.hidden.to(self.dtype), pooled)
+        if guided and self.prompt_encoder.is_sdxl and self.force_zeros_for_empty_prompt:
+            for row, layout in enumerate(layouts):
+                if not layout.negative_prompt:
+                    embeds.hidden[row] = 0
+                    embeds.pooled[row] = 0
+        return embeds
+
+    def time_ids(self, layouts: Sequence[Layout], guided: bool) -> torch.Tensor:
+        """SDXL's time ids (B or 2B, 6): the layout's size as original and target size, crop corner (0, 0)."""
+        sizes = torch.tensor([[layout.height, layout.width] for layout in layouts], dtype=self.dtype)
+        ids = time_ids(sizes, torch.zeros_like(sizes), (layouts[0].height, layouts[0].width))
+        return (torch.cat([ids, ids]) if guided else ids).to(self.device)
 
     def grounding_inputs(self, layouts: Sequence[Layout], slots: int) -> GroundingInputs:
         """Boxes, masks, phrase embeddings (and reference image embeddings) padded to `slots` entities."""
         boxes, masks = pad_entities(layouts, slots, device=self.device, dtype=self.dtype)
         counts = [len(layout.entities) for layout in layouts]
         phrases = [phrase for layout in layouts for phrase in layout.phrases]
-        phrase_embeds = scatter_embeds(encode_phrases(self.text_encoder, self.tokenizer, phrases), counts, slots)
+        phrase_embeds = scatter_embeds(self.prompt_encoder.phrases(phrases), counts, slots)
         inputs = GroundingInputs(boxes, masks, phrase_embeds.to(self.dtype))
         if self.adapter.config.feature_type == "text-image-box":
             inputs.image_embeds, inputs.image_masks = self.reference_embeds(layouts, slots, phrase_embeds.shape[-1])
@@ -378,18 +402,26 @@ def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
     return image.crop(box).resize((width, height), Image.LANCZOS)
 
 
-def _model_index(model: str) -> dict:
+def model_index(model: str, revision: str | None = None) -> dict:
     """The `model_index.json` of a diffusers pipeline directory or hub id."""
     path = Path(model)
     if path.exists() and not (path / "model_index.json").is_file():
         raise UserError(f"{model}: not a diffusers pipeline directory (no model_index.json)")
     try:
-        return DiffusionPipeline.load_config(model)
+        return DiffusionPipeline.load_config(model, revision=revision)
     except (OSError, ValueError) as error:
         raise UserError(f"{model}: cannot load a diffusers pipeline ({str(error).splitlines()[0]})") from None
 
 
-def _load_component(model: str, index: dict, name: str, dtype: torch.dtype):
+SDXL_COMPONENTS = ["text_encoder_2", "tokenizer_2"]
+
+
+def is_sdxl(index: dict) -> bool:
+    """Whether a pipeline's `model_index.json` has SDXL's second text encoder."""
+    return (index.get("text_encoder_2") or [None, None])[1] is not None
+
+
+def load_component(model: str, index: dict, name: str, dtype: torch.dtype, revision: str | None = None):
     """Load pipeline component `name` with the class `model_index.json` names for it."""
     if name not in index or index[name][1] is None:
         raise UserError(f"{model}: the pipeline has no {name}")
@@ -404,7 +436,7 @@ def _load_component(model: str, index: dict, name: str, dtype: torch.dtype):
     elif issubclass(component_class, transformers.PreTrainedModel):
         kwargs["dtype"] = dtype
     try:
-        component = component_class.from_pretrained(model, subfolder=name, **kwargs)
+        component = component_class.from_pretrained(model, subfolder=name, revision=revision, **kwargs)
     except (OSError, ValueError, RuntimeError) as error:
         raise UserError(f"{model}: cannot load {name} ({str(error).splitlines()[0]})") from None
     return component.eval() if isinstance(component, torch.nn.Module) else component

@@ -2,6 +2,7 @@
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,6 +65,12 @@ def test_config_errors_name_the_key(setup):
     assert config(setup, "x", "optim.betas=[0.5, 0.9]").optim.betas == [0.5, 0.9]
 
 
+@pytest.mark.parametrize("path", sorted(Path("configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_loads_and_names_its_base(path):
+    config = load_config(path, ["data.shards=x"] + (["model.base=x"] if path.name == "tiny_test.yaml" else []))
+    assert config.model.base
+
+
 def test_augment_moves_boxes_with_crop_and_flip():
     image = Image.new("RGB", (80, 40))
     sample = Sample("k", image, "a cat on the left", [
@@ -82,6 +89,8 @@ def test_augment_moves_boxes_with_crop_and_flip():
         assert out.caption == ("a cat on the right" if flip else "a cat on the left")
         assert out.phrases == (["the right cat" if flip else "the left cat"] if expected else [])
         assert out.pixels.shape == (3, 40, 40)
+        assert out.original_size == (40, 80)  # SDXL's conditioning: (height, width), and the crop corner as seen
+        assert out.crop_top_left == (0, 40 - left if flip else left)
     assert swap_left_right("Left of right, leftover") == "Right of left, leftover"
 
 

@@ -15,6 +15,7 @@ from transformers import (
     CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModel,
+    CLIPTextModelWithProjection,
     CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
@@ -36,14 +37,15 @@ def tiny_tokenizer(directory: str | Path) -> CLIPTokenizer:
     return tokenizer
 
 
-def tiny_text_encoder(vocab_size: int) -> CLIPTextModel:
-    torch.manual_seed(0)
+def tiny_text_encoder(vocab_size: int, hidden: int = HIDDEN, projection: int = HIDDEN, with_projection: bool = False,
+                      seed: int = 0) -> CLIPTextModel | CLIPTextModelWithProjection:
+    torch.manual_seed(seed)
     config = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=HIDDEN,
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=projection,
         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
     )
-    return CLIPTextModel(config).eval()
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
 
 
 def tiny_unet(in_channels: int = 4, attention_type: str = "default") -> UNet2DConditionModel:
@@ -63,6 +65,42 @@ def tiny_vae() -> AutoencoderKL:
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=16,
     ).eval()
+
+
+# SDXL: two text encoders of different sizes (so that a mix-up shows), hidden states concatenated
+SDXL_HIDDEN_2, SDXL_PROJECTION = 48, 24
+SDXL_CROSS = HIDDEN + SDXL_HIDDEN_2
+
+
+def tiny_sdxl_unet() -> UNet2DConditionModel:
+    """An SDXL-shaped UNet: `text_time` added conditioning, linear projections, 2 transformer layers deep."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + SDXL_PROJECTION,
+        cross_attention_dim=SDXL_CROSS, norm_num_groups=16,
+    ).eval()
+
+
+def save_tiny_sdxl(directory: str | Path) -> Path:
+    """A tiny StableDiffusionXLPipeline directory (no watermarker)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    directory = Path(directory)
+    tokenizer = tiny_tokenizer(directory / "_build" / "tokenizer")
+    tokenizer_2 = tiny_tokenizer(directory / "_build" / "tokenizer_2")
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(), unet=tiny_sdxl_unet(), tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+        text_encoder=tiny_text_encoder(len(tokenizer)),
+        text_encoder_2=tiny_text_encoder(len(tokenizer_2), SDXL_HIDDEN_2, SDXL_PROJECTION, with_projection=True, seed=1),
+        scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                         timestep_spacing="leading", steps_offset=1),
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(directory)
+    return directory
 
 
 def tiny_image_encoder() -> tuple[CLIPVisionModelWithProjection, CLIPImageProcessor]:

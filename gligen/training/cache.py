@@ -33,17 +33,23 @@ class EncodingCache:
         digest = hashlib.sha1(key.encode()).hexdigest()
         return self.directory / digest[:2] / f"{digest}.safetensors"
 
-    def _get(self, key: str) -> torch.Tensor | None:
+    def _get(self, key: str) -> tuple[torch.Tensor, ...] | None:
         path = self._path(key)
         if not path.is_file():
             return None
         try:
-            return load_file(str(path))["value"]
+            entry = load_file(str(path))
+            return tuple(entry[str(i)] for i in range(len(entry)))
         except (SafetensorError, OSError, KeyError):
             return None  # a damaged entry is recomputed
 
-    def encode(self, keys: Sequence[str], fn: Callable[[list[int]], torch.Tensor], device: torch.device) -> torch.Tensor:
-        """Stack the entries of `keys` on `device`; `fn(indices)` encodes the missing ones (M, ...) in one batch."""
+    def encode(self, keys: Sequence[str], fn: Callable[[list[int]], tuple[torch.Tensor, ...]], device: torch.device
+               ) -> tuple[torch.Tensor, ...]:
+        """The entries of `keys`, stacked on `device`; `fn(indices)` encodes the missing ones in one batch.
+
+        `fn` returns a tuple of tensors (M, ...) (e.g. SDXL's hidden states and pooled embeddings);
+        so does `encode`, with B = len(keys) rows each.
+        """
         found = [self._get(k) for k in keys]
         missing = [i for i, value in enumerate(found) if value is None]
         self.hits += len(keys) - len(missing)
@@ -51,9 +57,9 @@ class EncodingCache:
         if missing:
             computed = fn(missing)
             for row, i in enumerate(missing):
-                found[i] = computed[row]
+                found[i] = tuple(part[row] for part in computed)
                 path = self._path(keys[i])
                 path.parent.mkdir(exist_ok=True)
                 with atomic_path(path) as tmp:
-                    save_file({"value": computed[row].detach().cpu().contiguous()}, str(tmp))
-        return torch.stack([v.to(device) for v in found])
+                    save_file({str(j): part.detach().cpu().contiguous() for j, part in enumerate(found[i])}, str(tmp))
+        return tuple(torch.stack([entry[j].to(device) for entry in found]) for j in range(len(found[0])))

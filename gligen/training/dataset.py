@@ -12,7 +12,9 @@ horizontally with probability 1/2. Boxes follow the crop and the flip and are cl
 boxes left with less than `min_box_area` of the crop are dropped and the `max_entities`
 largest kept. A flip also swaps the words "left" and "right" in the caption and the phrases,
 so that the text still describes the image. The caption is emptied with probability
-`caption_drop`. Corrupt samples (unreadable image, bad JSON, invalid entity, broken tar
+`caption_drop`. Each sample also records its image's original (height, width) and the crop's
+(top, left) corner in the resized (and flipped) image: SDXL's size and crop conditioning.
+Corrupt samples (unreadable image, bad JSON, invalid entity, broken tar
 member) are skipped and counted.
 """
 
@@ -49,7 +51,11 @@ class DataPosition:
 
 @dataclass
 class TrainingSample:
-    """A sample ready for batching. pixels (3, R, R) in [-1, 1]; boxes normalized xyxy of the crop."""
+    """A sample ready for batching. pixels (3, R, R) in [-1, 1]; boxes normalized xyxy of the crop.
+
+    original_size is the image's (height, width) before resizing; crop_top_left the crop's
+    (top, left) corner in the resized image, as seen after the flip.
+    """
 
     pixels: torch.Tensor
     caption: str
@@ -57,6 +63,8 @@ class TrainingSample:
     boxes: list[tuple[float, float, float, float]]
     references: list[Image.Image]
     cache_key: str
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
 
 
 _LEFT_RIGHT = re.compile(r"\b(left|right|Left|Right|LEFT|RIGHT)\b")
@@ -104,7 +112,9 @@ def augment(sample: Sample, config: DataConfig, rng: random.Random, with_referen
     references = [_reference(sample, image, i, box) for _, i, box in kept] if with_references else []
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
     cache_key = f"{sample.key}|{left},{top},{int(flip)},{size}"
-    return TrainingSample(pixels, caption, phrases, [box for _, _, box in kept], references, cache_key)
+    crop_top_left = (top, new_w - size - left if flip else left)
+    return TrainingSample(pixels, caption, phrases, [box for _, _, box in kept], references, cache_key,
+                          (height, width), crop_top_left)
 
 
 def _crop_box(box, width: int, height: int, left: int, top: int, size: int, flip: bool):
@@ -126,7 +136,8 @@ def _reference(sample: Sample, image: Image.Image, index: int, box) -> Image.Ima
 
 
 def collate(samples: Sequence[TrainingSample], max_entities: int) -> dict[str, Any]:
-    """Batch samples: pixels (B,3,R,R), boxes (B,N,4), masks (B,N) with N = max_entities, and lists."""
+    """Batch samples: pixels (B,3,R,R), boxes (B,N,4), masks (B,N) with N = max_entities,
+    original_sizes and crops_top_left (B,2), and lists."""
     boxes = torch.zeros(len(samples), max_entities, 4)
     masks = torch.zeros(len(samples), max_entities)
     for i, sample in enumerate(samples):
@@ -141,6 +152,8 @@ def collate(samples: Sequence[TrainingSample], max_entities: int) -> dict[str, A
         "phrases": [s.phrases for s in samples],
         "references": [s.references for s in samples],
         "cache_keys": [s.cache_key for s in samples],
+        "original_sizes": torch.tensor([s.original_size for s in samples], dtype=torch.float32),
+        "crops_top_left": torch.tensor([s.crop_top_left for s in samples], dtype=torch.float32),
     }
 
 

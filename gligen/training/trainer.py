@@ -1,11 +1,14 @@
-"""The training loop: a grounding adapter on a frozen Stable Diffusion base, with accelerate.
+"""The training loop: a grounding adapter on a frozen Stable Diffusion base (1.x, 2.x, XL), with accelerate.
 
 Only the adapter trains (position net, fusers, and in inpainting mode the extra input
-channels); the VAE, text encoder and UNet are frozen and may be cast to bf16/fp16. A step:
+channels); the VAE, text encoder(s) and UNet are frozen and may be cast to bf16/fp16. A step:
 
     latents = VAE(crop) ; t, noise ~ U, N ; x_t = add_noise(latents, noise, t)
     grounding tokens = position_net(boxes, phrase embeddings)   (null for 10% of samples)
     loss = || UNet(x_t [, masked latents, mask], t, caption embeddings, tokens) - noise ||^2
+
+On SDXL the UNet also gets the caption's pooled embedding and the time ids of the crop:
+the image's original size, the crop's top-left corner and the training resolution.
 
 Randomness of a step (timesteps, noise, VAE sampling, grounding drop) comes from one
 generator per process that is saved in checkpoints, and the data stream is a pure function
@@ -36,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
@@ -45,15 +48,15 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
-from transformers import AutoTokenizer, CLIPTextModel
 
 from gligen.adapter import GroundingAdapter
 from gligen.draw import draw_boxes, make_grid
 from gligen.errors import UserError
 from gligen.files import atomic_path, save_image, write_json
-from gligen.grounding import GroundingInputs, encode_images, encode_phrases, scatter_embeds
+from gligen.grounding import GroundingInputs, encode_images, scatter_embeds
 from gligen.layout import load_layouts
-from gligen.pipeline import GligenPipeline, box_mask
+from gligen.pipeline import SDXL_COMPONENTS, GligenPipeline, box_mask, is_sdxl, load_component, model_index
+from gligen.prompts import PromptEmbeds, PromptEncoder, time_ids
 from gligen.training.cache import EncodingCache
 from gligen.training.config import TrainConfig
 from gligen.training.dataset import DataPosition, ShardDataset
@@ -70,8 +73,8 @@ class TrainingStopped(UserError):
 class GroundedUNet(nn.Module):
     """The frozen UNet with the adapter attached: the one module accelerate wraps and trains.
 
-    forward: model input (B, C, h, w), timesteps (B,), text embeddings (B, L, D), grounding
-    inputs -> the UNet's prediction (B, 4, h, w).
+    forward: model input (B, C, h, w), timesteps (B,), prompt embeddings, grounding inputs,
+    SDXL's time ids (B, 6) -> the UNet's prediction (B, 4, h, w).
     """
 
     def __init__(self, unet: UNet2DConditionModel, adapter: GroundingAdapter):
@@ -80,25 +83,26 @@ class GroundedUNet(nn.Module):
         self.adapter = adapter
         adapter.attach(unet)
 
-    def forward(self, sample, timesteps, text_embeds, grounding: GroundingInputs) -> torch.Tensor:
+    def forward(self, sample, timesteps, prompt: PromptEmbeds, grounding: GroundingInputs,
+                time_ids: torch.Tensor | None = None) -> torch.Tensor:
         tokens = self.adapter.tokens(grounding)
         kwargs = self.adapter.cross_attention_kwargs(tokens, 1.0)
-        return self.unet(sample, timesteps, text_embeds, cross_attention_kwargs=kwargs).sample
+        return self.unet(sample, timesteps, cross_attention_kwargs=kwargs, **prompt.unet_kwargs(time_ids)).sample
 
 
 def load_base(config: TrainConfig) -> dict[str, Any]:
-    """The frozen base components (and the CLIP image encoder for text-image-box) from `model.base`."""
+    """The frozen base components (and the CLIP image encoder for text-image-box) from `model.base`.
+
+    An SDXL base adds `text_encoder_2` and `tokenizer_2`.
+    """
     base, revision = config.model.base, config.model.revision
+    index = model_index(base, revision)
+    names = ["tokenizer", "text_encoder", "vae", "unet"] + (SDXL_COMPONENTS if is_sdxl(index) else [])
+    parts = {name: load_component(base, index, name, torch.float32, revision) for name in names}
     try:
-        parts = dict(
-            tokenizer=AutoTokenizer.from_pretrained(base, subfolder="tokenizer", revision=revision),
-            text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=revision),
-            vae=AutoencoderKL.from_pretrained(base, subfolder="vae", revision=revision),
-            unet=UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=revision),
-            noise_scheduler=DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=revision),
-        )
+        parts["noise_scheduler"] = DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=revision)
     except (OSError, ValueError) as error:
-        raise UserError(f"model.base {base!r}: cannot load a Stable Diffusion model ({error})") from None
+        raise UserError(f"{base}: cannot load scheduler ({str(error).splitlines()[0]})") from None
     if config.model.feature_type == "text-image-box":
         projection, encoder, processor = load_image_side(config.model.image_encoder)
         parts.update(image_projection=projection, image_encoder=encoder, image_processor=processor)
@@ -129,6 +133,11 @@ def load_image_side(name: str) -> tuple[nn.Linear, nn.Module, Any]:
     return clip_image_side(name)
 
 
+def prompt_encoder(parts: dict[str, Any]) -> PromptEncoder:
+    """The base's text side: one tokenizer and text encoder, or SDXL's two."""
+    return PromptEncoder(parts["tokenizer"], parts["text_encoder"], parts.get("tokenizer_2"), parts.get("text_encoder_2"))
+
+
 def make_adapter(config: TrainConfig, parts: dict[str, Any]) -> GroundingAdapter:
     """A fresh adapter for the base UNet (zero gates), or the one named by `model.adapter`."""
     unet = parts["unet"]
@@ -138,7 +147,7 @@ def make_adapter(config: TrainConfig, parts: dict[str, Any]) -> GroundingAdapter
         return adapter
     image_dim = parts["image_encoder"].config.projection_dim if "image_encoder" in parts else None
     adapter = GroundingAdapter.for_unet(
-        unet, config.model.feature_type, positive_len=parts["text_encoder"].config.hidden_size,
+        unet, config.model.feature_type, positive_len=prompt_encoder(parts).phrase_dim,
         inpaint=config.model.inpaint, image_embed_dim=image_dim, base_model=config.model.base,
     )
     if adapter.image_projection is not None:
@@ -171,11 +180,12 @@ class Trainer:
         self.parts = parts
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-        for name in ("vae", "text_encoder", "unet", "image_encoder"):
+        self.prompts = prompt_encoder(parts)
+        for name in ("vae", "text_encoder", "text_encoder_2", "unet", "image_encoder"):
             if name in parts:
-                parts[name].requires_grad_(False).to(self.device, self.weight_dtype)
-        parts["vae"].eval()
-        parts["text_encoder"].eval()
+                parts[name].requires_grad_(False).to(self.device, self.weight_dtype).eval()
+        if self.prompts.is_sdxl and self.weight_dtype == torch.float16 and parts["vae"].config.force_upcast:
+            parts["vae"].to(torch.float32)  # SDXL's VAE overflows in fp16
         self.noise_scheduler = parts["noise_scheduler"]
 
         self.adapter = make_adapter(config, parts).to(self.device)
@@ -234,47 +244,38 @@ class Trainer:
     def _rand(self, *shape: int) -> torch.Tensor:
         return torch.rand(shape, generator=self.generator).to(self.device)
 
+    def _encode(self, kind: str, keys: list[str], fn) -> tuple[torch.Tensor, ...]:
+        """fn(indices) -> a tuple of tensors for those keys; through the cache when there is one."""
+        if self.cache:
+            return self.cache[kind].encode(keys, fn, self.device)
+        return fn(list(range(len(keys))))
+
     def encode_latents(self, pixels: torch.Tensor, keys: list[str]) -> torch.Tensor:
         """Pixels (B,3,R,R) in [-1,1] -> scaled latents (B,4,R/f,R/f), sampled from the VAE posterior."""
         vae = self.parts["vae"]
 
-        def moments(indices: list[int]) -> torch.Tensor:
-            with torch.no_grad():
-                return vae.encode(pixels[indices].to(self.device, self.weight_dtype)).latent_dist.parameters
+        @torch.no_grad()
+        def moments(indices: list[int]) -> tuple[torch.Tensor]:
+            return (vae.encode(pixels[indices].to(self.device, vae.dtype)).latent_dist.parameters,)
 
-        if self.cache:
-            params = self.cache["latents"].encode(keys, moments, self.device)
-        else:
-            params = moments(list(range(len(keys))))
+        params, = self._encode("latents", keys, moments)
         latents = DiagonalGaussianDistribution(params.float()).sample(generator=self.generator)
         return latents * vae.config.scaling_factor
 
-    def encode_captions(self, captions: list[str]) -> torch.Tensor:
-        """Captions -> the text encoder's last hidden states (B, 77, D)."""
-        tokenizer, text_encoder = self.parts["tokenizer"], self.parts["text_encoder"]
+    def encode_captions(self, captions: list[str]) -> PromptEmbeds:
+        """Captions -> prompt embeddings: hidden states (B, 77, D) (and SDXL's pooled embeddings)."""
+        def encode(indices: list[int]) -> tuple[torch.Tensor, ...]:
+            embeds = self.prompts.prompts([captions[i] for i in indices])
+            return (embeds.hidden,) if embeds.pooled is None else (embeds.hidden, embeds.pooled)
 
-        def encode(indices: list[int]) -> torch.Tensor:
-            ids = tokenizer(
-                [captions[i] for i in indices], padding="max_length", max_length=tokenizer.model_max_length,
-                truncation=True, return_tensors="pt",
-            ).input_ids
-            with torch.no_grad():
-                return text_encoder(ids.to(self.device))[0]
-
-        if self.cache:
-            return self.cache["text"].encode(captions, encode, self.device)
-        return encode(list(range(len(captions))))
+        return PromptEmbeds(*self._encode("text", captions, encode))
 
     def encode_phrase_list(self, phrases: list[str]) -> torch.Tensor:
         """Phrases -> pooled phrase embeddings (P, D)."""
-        def encode(indices: list[int]) -> torch.Tensor:
-            return encode_phrases(self.parts["text_encoder"], self.parts["tokenizer"], [phrases[i] for i in indices])
-
         if not phrases:
-            return encode([])
-        if self.cache:
-            return self.cache["phrases"].encode(phrases, encode, self.device)
-        return encode(list(range(len(phrases))))
+            return self.prompts.phrases([])
+        embeds, = self._encode("phrases", phrases, lambda indices: (self.prompts.phrases([phrases[i] for i in indices]),))
+        return embeds
 
     def grounding_inputs(self, batch: dict[str, Any]) -> GroundingInputs:
         """The batch's grounding, each sample dropped to null (masks 0) with probability `grounding_drop`."""
@@ -308,8 +309,12 @@ class Trainer:
             model_input = torch.cat([model_input, *box_inpaint_input(latents, batch["boxes"], batch["masks"])], dim=1)
         text = self.encode_captions(batch["captions"])
         grounding = self.grounding_inputs(batch)
+        ids = None
+        if self.prompts.is_sdxl:
+            resolution = self.config.data.resolution
+            ids = time_ids(batch["original_sizes"], batch["crops_top_left"], (resolution, resolution)).to(self.device)
         with self.accelerator.autocast():
-            prediction = self.model(model_input.to(self.weight_dtype), timesteps, text, grounding)
+            prediction = self.model(model_input.to(self.weight_dtype), timesteps, text, grounding, ids)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
@@ -439,6 +444,7 @@ class Trainer:
                 self.parts["vae"], self.parts["text_encoder"], self.parts["tokenizer"], unet,
                 DDIMScheduler.from_config(self.noise_scheduler.config), adapter,
                 self.parts.get("image_encoder"), self.parts.get("image_processor"),
+                self.parts.get("text_encoder_2"), self.parts.get("tokenizer_2"),
             )
             kwargs = {}
             if self.adapter.conv_in_extra is not None:  # repaint the boxes of a plain grey picture
