@@ -1,7 +1,17 @@
 """The built-in open-set detector: phrases to boxes with Grounding DINO (transformers' model)."""
 
+from __future__ import annotations
+
+import importlib
+
 from detector.box_ops import box_iou
-from detector.detect import Detections, OpenSetDetector
 from detector.prompt import Prompt, build_caption, positive_map, split_prompts
 
 __all__ = ["Detections", "OpenSetDetector", "Prompt", "box_iou", "build_caption", "positive_map", "split_prompts"]
+
+
+def __getattr__(name: str):
+    """`Detections` and `OpenSetDetector` load transformers: import them on first use, not with the package."""
+    if name in ("Detections", "OpenSetDetector"):
+        return getattr(importlib.import_module("detector.detect"), name)
+    raise AttributeError(f"module 'detector' has no attribute {name!r}")

@@ -11,10 +11,9 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from detector import label, train, verify
 from gligen.devices import DTYPES, parse_device, parse_dtype
 from gligen.draw import draw_boxes
-from gligen.errors import require, run_cli
+from gligen.errors import Command, require, run_commands
 from gligen.files import save_image, write_json
 
 DEFAULT_MODEL = "IDEA-Research/grounding-dino-tiny"
@@ -73,7 +72,7 @@ def run_detect(args: argparse.Namespace) -> None:
 
 
 def register_detect(subparsers) -> None:
-    p = subparsers.add_parser("detect", help="detect phrases in images; JSON out, optional overlays")
+    p = subparsers.add_parser("detect")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--phrases", nargs="*", required=True, help="phrases to detect (each one argument)")
     add_model_args(p)
@@ -101,7 +100,7 @@ def run_convert(args: argparse.Namespace) -> None:
 
 
 def register_convert(subparsers) -> None:
-    p = subparsers.add_parser("convert", help="official GroundingDINO .pth -> HF checkpoint directory")
+    p = subparsers.add_parser("convert")
     p.add_argument("src", help="official checkpoint, e.g. groundingdino_swint_ogc.pth")
     p.add_argument("--out", required=True, help="new directory for the HF checkpoint")
     p.add_argument("--config", help="config.json or HF directory (default: the matching official release)")
@@ -109,20 +108,17 @@ def register_convert(subparsers) -> None:
     p.set_defaults(func=run_convert)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="detector", description="Open-set detection with Grounding DINO.")
-    subparsers = parser.add_subparsers(dest="command")
-    # Each module with subcommands adds one `register(subparsers)` line here.
-    register_detect(subparsers)
-    register_convert(subparsers)
-    verify.register(subparsers)
-    label.register(subparsers)
-    train.register(subparsers)
-    return parser
+COMMANDS = [
+    Command("detect", "detect phrases in images; JSON out, optional overlays", "detector.cli:register_detect"),
+    Command("verify", "check images against their layouts (IoU per entity)", "detector.verify:register"),
+    Command("label", "layout of an image from its caption's noun phrases", "detector.label:register"),
+    Command("train", "fine-tune a detector on COCO-format data", "detector.train:register"),
+    Command("convert", "official GroundingDINO .pth -> HF checkpoint directory", "detector.cli:register_convert"),
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(build_parser(), argv)
+    return run_commands("detector", "Open-set detection with Grounding DINO.", COMMANDS, argv)
 
 
 if __name__ == "__main__":

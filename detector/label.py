@@ -200,7 +200,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `detector label` to the `detector` command."""
     from detector.cli import add_model_args  # here: detector.cli imports this module
 
-    parser = subparsers.add_parser("label", help="layout of an image from its caption's noun phrases")
+    parser = subparsers.add_parser("label")
     parser.add_argument("image", help="image file")
     parser.add_argument("--caption", required=True, help="caption whose noun phrases are located")
     add_model_args(parser)

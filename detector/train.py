@@ -386,7 +386,7 @@ def processor_for(tokenizer, settings: ImageSettings) -> GroundingDinoProcessor:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `detector train` to the `detector` command."""
-    parser = subparsers.add_parser("train", help="fine-tune a detector on COCO-format data")
+    parser = subparsers.add_parser("train")
     parser.add_argument("--images", required=True, help="directory of the images")
     parser.add_argument("--annotations", required=True, help="COCO instances JSON (images, annotations, categories)")
     parser.add_argument("--model", required=True, help="detector to start from: HF directory or hub id")

@@ -193,7 +193,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `detector verify` to the `detector` command."""
     from detector.cli import add_model_args  # here: detector.cli imports this module
 
-    parser = subparsers.add_parser("verify", help="check images against their layouts (IoU per entity)")
+    parser = subparsers.add_parser("verify")
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--layout", required=True, help="layout .json/.jsonl: one layout for all images, or one per image")
     add_model_args(parser)

@@ -2,33 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
 from typing import Sequence
 
-from gligen.errors import run_cli
+from gligen.errors import Command, run_commands
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gligen", description=__doc__)
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for register in _registrations():
-        register(subparsers)
-    return parser
-
-
-def _registrations():
-    """Each command module's `register(subparsers)`, which adds its subcommand."""
-    from gligen.convert import register as convert
-    from gligen.data.cli import register as data
-    from gligen.eval.cli import register as evaluate
-    from gligen.generate import register as generate
-
-    return [generate, convert, data, evaluate]
+COMMANDS = [
+    Command("generate", "generate images from box layouts", "gligen.generate:register"),
+    Command("convert", "official GLIGEN checkpoint or diffusers GLIGEN model -> base + grounding adapter",
+            "gligen.convert:register"),
+    Command("data", "make training shards", "gligen.data.cli:register"),
+    Command("eval", "generate from held-out layouts and score them (AP, layout success)", "gligen.eval.cli:register"),
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The exit status: 0, 1 for a user error; argparse exits with 2 itself on a usage error."""
-    return run_cli(build_parser(), argv)
+    return run_commands("gligen", __doc__, COMMANDS, argv)
 
 
 if __name__ == "__main__":

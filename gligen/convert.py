@@ -421,7 +421,7 @@ def _copy_plain_pipeline(source: Path, index: dict, out: Path) -> None:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "convert", help="official GLIGEN checkpoint or diffusers GLIGEN model -> base + grounding adapter",
+        "convert",
         description="Convert released GLIGEN weights. Writes OUT/adapter (adapter_config.json + adapter.safetensors); "
                     "from a diffusers GLIGEN pipeline or UNet also OUT/unet (the plain base UNet); with --full, OUT is "
                     "a complete diffusers StableDiffusionPipeline directory (use: gligen generate --model OUT "

@@ -43,7 +43,7 @@ class Job:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("generate", help="generate images from box layouts", description=__doc__,
+    parser = subparsers.add_parser("generate", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="diffusers SD or GLIGEN pipeline directory or hub id")
     parser.add_argument("--adapter", help="adapter directory (adapter.safetensors + adapter_config.json)")

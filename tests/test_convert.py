@@ -27,9 +27,9 @@ from transformers import (
 )
 
 from gligen.adapter import GroundingAdapter
-from gligen.cli import build_parser
+from gligen.cli import main as gligen_main
 from gligen.convert import split_gligen_unet
-from gligen.errors import UserError, run_cli
+from gligen.errors import UserError
 from gligen.grounding import GroundingInputs
 from tests.tiny import HIDDEN, randomize_grounding, save_tiny_sd, tiny_components, tiny_image_encoder, tiny_unet
 
@@ -237,7 +237,7 @@ def official_checkpoint(unet, vae=None, text_encoder=None):
 
 
 def convert_cli(*argv):
-    return run_cli(build_parser(), ["convert", *map(str, argv)])
+    return gligen_main(["convert", *map(str, argv)])
 
 
 def test_official_checkpoint_full(tmp_path):
@@ -277,7 +277,7 @@ def test_official_checkpoint_full(tmp_path):
     (tmp_path / "cat.json").write_text(json.dumps(layout))
     argv = ["generate", "--model", out, "--adapter", out / "adapter", "--layout", tmp_path / "cat.json",
             "--out", tmp_path / "images", "--steps", "2", "--device", "cpu"]
-    assert run_cli(build_parser(), list(map(str, argv))) == 0
+    assert gligen_main(list(map(str, argv))) == 0
     with Image.open(tmp_path / "images" / "cat.png") as image:
         assert image.size == (64, 64)
 

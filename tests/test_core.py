@@ -142,3 +142,34 @@ def test_inpaint_extra_channels_start_at_zero():
         torch.testing.assert_close(extended, base, rtol=0, atol=1e-6)
         adapter.detach(unet)
     assert isinstance(unet.conv_in, torch.nn.Conv2d)
+
+
+
+LOADED_MODULES = """
+import sys
+from {cli} import main
+try:
+    main({argv!r})
+except SystemExit:
+    pass
+print("loaded:" + ",".join(m for m in ("diffusers", "transformers", "detector.detect") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("cli, argv, loaded", [
+    ("gligen.cli", ["--help"], ""),
+    ("gligen.cli", ["data", "--help"], ""),
+    ("gligen.cli", ["generate", "--help"], ""),
+    ("gligen.cli", ["convert", "--help"], "diffusers,transformers"),
+    ("detector.cli", ["--help"], ""),
+])
+def test_commands_import_only_what_they_run(cli, argv, loaded):
+    """Help and argument parsing load only the chosen command's module (no model libraries for most)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", LOADED_MODULES.format(cli=cli, argv=argv)],
+                            capture_output=True, text=True, check=True)
+    lines = result.stdout.splitlines()
+    assert "usage:" in lines[0]
+    assert lines[-1] == f"loaded:{loaded}"

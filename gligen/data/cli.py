@@ -18,7 +18,7 @@ from gligen.errors import UserError
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `data` command and its subcommands to a parent CLI's subparsers."""
-    data = subparsers.add_parser("data", help="make training shards", description=__doc__,
+    data = subparsers.add_parser("data", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
 

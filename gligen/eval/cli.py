@@ -26,8 +26,7 @@ from gligen.layout import MAX_ENTITIES
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `eval` with its subcommands `generate` and `score` to a `gligen` parser."""
-    parser = subparsers.add_parser("eval", help="generate from held-out layouts and score them (AP, layout success)",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser("eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="eval_command", metavar="COMMAND")
 
     generate = commands.add_parser("generate", help="one image per layout of an evaluation set (resumable)")
