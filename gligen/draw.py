@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
@@ -18,15 +19,24 @@ def draw_boxes(
     labels: Sequence[str],
     normalized: bool = True,
     colors: Sequence[tuple[int, int, int]] | None = None,
+    min_side: int = 256,
 ) -> Image.Image:
-    """A copy of `image` with each xyxy box outlined and labelled (colour i for box i)."""
+    """A copy of `image` with each xyxy box outlined and labelled (colour i for box i).
+
+    An image whose shorter side is under `min_side` is first enlarged by a whole factor
+    (nearest neighbour, so its pixels stay visible as they are) to make the labels legible;
+    pixel boxes (`normalized=False`) are scaled with it.
+    """
     out = image.convert("RGB")
+    factor = max(1, math.ceil(min_side / min(out.size)))
+    if factor > 1:
+        out = out.resize((out.width * factor, out.height * factor), Image.NEAREST)
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default()
     w, h = out.size
     width = max(1, round(min(w, h) / 128))
     for i, (box, label) in enumerate(zip(boxes, labels)):
-        x0, y0, x1, y1 = (box[0] * w, box[1] * h, box[2] * w, box[3] * h) if normalized else box
+        x0, y0, x1, y1 = (box[0] * w, box[1] * h, box[2] * w, box[3] * h) if normalized else (v * factor for v in box)
         color = (colors or PALETTE)[i % len(colors or PALETTE)]
         draw.rectangle([x0, y0, x1, y1], outline=color, width=width)
         tx0, ty0, tx1, ty1 = draw.textbbox((x0, y0), label, font=font)

@@ -173,3 +173,21 @@ def test_commands_import_only_what_they_run(cli, argv, loaded):
     lines = result.stdout.splitlines()
     assert "usage:" in lines[0]
     assert lines[-1] == f"loaded:{loaded}"
+
+
+def test_small_images_are_enlarged_whole_before_boxes_are_drawn():
+    import numpy as np
+    from PIL import Image
+
+    from gligen.draw import PALETTE, draw_boxes
+
+    pixels = np.random.default_rng(0).integers(0, 255, (10, 20, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    for box, normalized in (((0.5, 0.2, 0.9, 0.8), True), ((10, 2, 18, 8), False)):
+        overlay = np.asarray(draw_boxes(image, [box], ["x"], normalized=normalized))
+        assert overlay.shape == (260, 520, 3)  # 26 times: the shorter side reaches 256
+        np.testing.assert_array_equal(overlay[-1, :100], np.repeat(pixels[-1, :4], 26, axis=0)[:100])
+        assert tuple(overlay[200, 260]) == PALETTE[0]  # the left edge of the box, at x = 10 * 26
+        assert tuple(overlay[200, 250]) == tuple(pixels[7, 9])
+    large = Image.new("RGB", (300, 256))
+    assert draw_boxes(large, [], []).size == (300, 256)

@@ -23,7 +23,7 @@ def test_readme_main_command_and_detector_on_the_demo(tmp_path):
                "--out", tmp_path, "--overlay", "--steps", "10") == 0
     image = Image.open(tmp_path / "shapes.png")
     assert image.size == (layout.width, layout.height)
-    assert Image.open(tmp_path / "shapes.overlay.png").size == image.size
+    assert Image.open(tmp_path / "shapes.overlay.png").size == (256, 256)  # 32 px enlarged 8 times to label it
     record = json.loads((tmp_path / "shapes.json").read_text())
     assert record["model"] == "demo" and record["layout"]["entities"][0]["phrase"] == "a red circle"
 

@@ -189,7 +189,7 @@ def test_cli_detect_writes_json_and_overlays(tiny_dir, tmp_path):
     assert first["image_size"] == [120, 90] and first["detections"]
     assert {d["phrase"] for d in first["detections"]} <= {"a cat", "a dog"}
     with Image.open(tmp_path / "ov" / "im1.png") as overlay:
-        assert overlay.size == (90, 120)
+        assert overlay.size == (270, 360)  # enlarged 3 times: the shorter side reaches 256
 
 
 def run_cli(args, capsys):

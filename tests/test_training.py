@@ -139,7 +139,7 @@ def test_training_run_checkpoints_and_adapter(setup):
     metrics = [json.loads(line) for line in (setup["root"] / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [5, 10, 15, 20, 20]
     grid = Image.open(metrics.pop()["validation_grid"])
-    assert grid.size == (2 * 18 + 2, 18 + 2)  # two 16x16 images with box overlays, padded
+    assert grid.size == (2 * 258 + 2, 258 + 2)  # two 16x16 images with box overlays (enlarged to 256), padded
     assert metrics[-1]["skipped_samples"] >= 2  # 40 samples drawn: the corrupt pair was met at least once
     assert all(m["lr"] == 3e-3 and m["grad_norm"] > 0 for m in metrics)
     checkpoints = sorted(p.name for p in (setup["root"] / "run" / "checkpoints").iterdir())
