@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,13 @@ def test_dataset_is_deterministic_resumable_and_counts_corrupt_samples(setup):
     assert epoch_end["skipped"] == 2
     keys = [k.split("|")[0] for b in batches[:4] for k in b["cache_keys"]]
     assert "extra" in keys and "badimage" not in keys and "badjson" not in keys
+    elsewhere = setup["root"] / "moved" / "shards"  # the same files in another directory: the same stream
+    shutil.copytree(setup["shards"], elsewhere)
+    moved = iter(ShardDataset(DataConfig(shards=str(elsewhere), resolution=16, num_workers=0), batch_size=3, seed=5))
+    for expected in batches[:4]:
+        got = next(moved)
+        assert got["cache_keys"] == expected["cache_keys"]
+        torch.testing.assert_close(got["pixels"], expected["pixels"], rtol=0, atol=0)
     position = DataPosition(**{k: v for k, v in batches[3]["position"].items() if k != "worker"})
     resumed = iter(ShardDataset(cfg, batch_size=3, seed=5, positions={0: position}))
     for expected in batches[4:]:

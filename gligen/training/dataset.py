@@ -2,8 +2,9 @@
 
 Order: each epoch shuffles the shard list (seeded by `seed` and the epoch); each reader
 (one per process and data-loader worker) takes every k-th shard of that order; each shard is
-read whole and its samples shuffled (seeded by the epoch and the shard). So the stream of a
-reader is a pure function of (seed, epoch, shard, sample), and its position is three
+read whole and its samples shuffled (seeded by the epoch and the shard's file name, so the
+same shards in another directory or behind a URL train in the same order). So the stream of
+a reader is a pure function of (seed, epoch, shard, sample), and its position is three
 integers: resuming opens the right shard and skips samples without decoding them.
 
 Each sample is augmented with its own random generator, seeded by its position:
@@ -210,9 +211,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
             order = self._shard_order(position.epoch)[reader::readers]
             while position.shard < len(order):
                 url = order[position.shard]
+                name = url.rstrip("/").rsplit("/", 1)[-1]
                 raws = self._read_shard(url, position)
                 if self.config.shuffle_within_shard:
-                    random.Random(f"{self.seed}:{position.epoch}:{url}").shuffle(raws)
+                    random.Random(f"{self.seed}:{position.epoch}:{name}").shuffle(raws)
                 while position.sample < len(raws):
                     index = position.sample
                     position.sample += 1
@@ -221,7 +223,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                     except SampleError as error:
                         self._skip(position, str(error))
                         continue
-                    rng = random.Random(f"{self.seed}:{position.epoch}:{url}:{index}")
+                    rng = random.Random(f"{self.seed}:{position.epoch}:{name}:{index}")
                     yield augment(sample, self.config, rng, self.with_references)
                 position.shard += 1
                 position.sample = 0
