@@ -443,10 +443,19 @@ def load_component(model: str, index: dict, name: str, dtype: torch.dtype, revis
 
 
 def _load_image_encoder(path: str, dtype: torch.dtype):
-    """A CLIP vision model with projection and its image processor from a directory or hub id."""
+    """A CLIP vision model with projection and its image processor, from a full CLIP model or a vision-only one.
+
+    A full CLIP model's vision tower takes the model's `projection_dim`, which its tower config
+    need not repeat (transformers would otherwise build a projection of the default width).
+    """
     try:
+        if transformers.AutoConfig.from_pretrained(path).model_type == "clip":
+            from gligen.convert import clip_image_side
+
+            _, encoder, processor = clip_image_side(path)
+            return encoder.to(dtype), processor
         encoder = transformers.CLIPVisionModelWithProjection.from_pretrained(path, dtype=dtype).eval()
         processor = transformers.CLIPImageProcessor.from_pretrained(path)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RuntimeError) as error:
         raise UserError(f"{path}: cannot load a CLIP image encoder ({str(error).splitlines()[0]})") from None
     return encoder, processor

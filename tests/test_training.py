@@ -273,9 +273,11 @@ def test_cache_dir_gives_the_same_losses_and_is_reused(setup, fresh_accelerator)
 PROJECTION = 24  # CLIP's joint embedding width; unlike HIDDEN, so a projection the wrong way round cannot fit
 
 
-def save_clip(directory, text_hidden=HIDDEN):
-    """A tiny full CLIP model directory whose tower configs name the projection width, as openai's do."""
-    tower = dict(intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, projection_dim=PROJECTION)
+def save_clip(directory, text_hidden=HIDDEN, tower_projection=True):
+    """A tiny full CLIP model directory; its tower configs name the projection width (as openai's do) or not."""
+    tower = dict(intermediate_size=37, num_hidden_layers=1, num_attention_heads=4)
+    if tower_projection:
+        tower["projection_dim"] = PROJECTION
     config = CLIPConfig(text_config=dict(tower, hidden_size=text_hidden, vocab_size=99, bos_token_id=0, eos_token_id=1,
                                          pad_token_id=1),
                         vision_config=dict(tower, hidden_size=HIDDEN, image_size=32, patch_size=8),
@@ -358,6 +360,11 @@ def test_text_image_box_adapter_trains_and_generates_with_a_reference(setup, tex
 
     pipe = GligenPipeline.from_pretrained(str(setup["sd"]), adapter=str(out), image_encoder=str(text_image["clip"]))
     torch.testing.assert_close(pipe.adapter.image_projection.weight, projection, rtol=0, atol=0)
+    torch.testing.assert_close(pipe.image_encoder.visual_projection.weight, clip.visual_projection.weight, rtol=0, atol=0)
+    bare = save_clip(setup["root"] / "clip_bare_towers", tower_projection=False)  # the width only at the top
+    encoder = GligenPipeline.from_pretrained(str(setup["sd"]), adapter=str(out), image_encoder=str(bare)).image_encoder
+    torch.testing.assert_close(encoder.visual_projection.weight, CLIPModel.from_pretrained(bare).visual_projection.weight,
+                               rtol=0, atol=0)
     latents = {}
     for name, colour in (("red", (250, 0, 0)), ("blue", (0, 0, 250))):
         path = setup["root"] / f"{name}.png"
