@@ -80,7 +80,7 @@ def test_label_cli(tiny, tmp_path, capsys):
     assert [e.phrase for e in loaded.entities] == ["a cat", "a dog", "a sofa"]
     assert [e.spans for e in loaded.entities] == [e.spans for e in expected.entities]
     assert [e.box for e in loaded.entities] == [pytest.approx(e.box, abs=1e-6) for e in expected.entities]
-    assert Image.open(tmp_path / "ov" / "photo.png").size == (100, 60)
+    assert Image.open(tmp_path / "ov" / "photo.png").size == (500, 300)  # enlarged 5 times to label it
     capsys.readouterr()
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["entities"][0]["tokens_positive"] == [[0, 5]]

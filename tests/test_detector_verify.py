@@ -130,7 +130,7 @@ def test_verify_cli(tiny, tmp_path, capsys):
     expected = verify(OpenSetDetector.from_pretrained(str(tiny)), picture(0), LAYOUTS[0], box_threshold=0.0, text_threshold=0.0)
     assert report["summary"] == pytest.approx(summarize([expected]))
     assert [e["iou"] for e in report["images"][0]["entities"]] == pytest.approx([e.iou for e in expected.entities], abs=1e-5)
-    assert Image.open(tmp_path / "ov" / "gen.png").size == (96, 64)
+    assert Image.open(tmp_path / "ov" / "gen.png").size == (384, 256)  # enlarged 4 times to label it
 
     save_layouts(tmp_path / "two.jsonl", LAYOUTS)
     capsys.readouterr()

@@ -60,7 +60,8 @@ def test_generate_from_a_diffusers_gligen_directory(gligen_dir, tmp_path, capsys
     for name, image in zip(["cats", "layouts_0001"], expected):
         assert np.array_equal(np.asarray(Image.open(out / f"{name}.png")), np.asarray(image))
         overlay = np.asarray(Image.open(out / f"{name}.overlay.png"))
-        assert overlay.shape == (16, 16, 3) and not np.array_equal(overlay, np.asarray(image))
+        enlarged = np.asarray(image.resize((256, 256), Image.NEAREST))  # 16 px, enlarged 16 times to label it
+        assert overlay.shape == enlarged.shape and not np.array_equal(overlay, enlarged)
     record = json.loads((out / "cats.json").read_text())
     assert record["image"] == "cats.png" and record["seed"] == 3
     assert record["model"] == str(gligen_dir) and record["adapter"] is None
