@@ -90,15 +90,15 @@ class GroundedUNet(nn.Module):
         return self.unet(sample, timesteps, cross_attention_kwargs=kwargs, **prompt.unet_kwargs(time_ids)).sample
 
 
-def load_base(config: TrainConfig) -> dict[str, Any]:
-    """The frozen base components (and the CLIP image encoder for text-image-box) from `model.base`.
+def load_base(config: TrainConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The frozen base components in `dtype` (and the CLIP image encoder for text-image-box) from `model.base`.
 
     An SDXL base adds `text_encoder_2` and `tokenizer_2`.
     """
     base, revision = config.model.base, config.model.revision
     index = model_index(base, revision)
     names = ["tokenizer", "text_encoder", "vae", "unet"] + (SDXL_COMPONENTS if is_sdxl(index) else [])
-    parts = {name: load_component(base, index, name, torch.float32, revision) for name in names}
+    parts = {name: load_component(base, index, name, dtype, revision) for name in names}
     try:
         parts["noise_scheduler"] = DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=revision)
     except (OSError, ValueError) as error:
@@ -176,14 +176,16 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )
         set_seed(config.seed)  # the fresh adapter's initialisation
-        parts = parts or load_base(config)
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+        parts = parts or load_base(config, self.weight_dtype)
         self.parts = parts
         self.device = self.accelerator.device
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
         self.prompts = prompt_encoder(parts)
         for name in ("vae", "text_encoder", "text_encoder_2", "unet", "image_encoder"):
             if name in parts:
-                parts[name].requires_grad_(False).to(self.device, self.weight_dtype).eval()
+                module = parts[name].requires_grad_(False).eval().to(self.device)
+                if module.dtype != self.weight_dtype:  # diffusers warns on every cast, needed or not
+                    module.to(self.weight_dtype)
         if self.prompts.is_sdxl and self.weight_dtype == torch.float16 and parts["vae"].config.force_upcast:
             parts["vae"].to(torch.float32)  # SDXL's VAE overflows in fp16
         self.noise_scheduler = parts["noise_scheduler"]
