@@ -16,6 +16,13 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def launched_processes() -> int:
+    """How many processes `accelerate launch` (torchrun or MPI) started together; 1 when not launched."""
+    from accelerate.utils import get_int_from_env
+
+    return get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+
+
 def parse_device(name: str | None) -> torch.device:
     """`name` as a torch device (None: CUDA when available, else the CPU); an unusable one is a UserError."""
     if name is None:

@@ -8,9 +8,6 @@ import io
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,7 @@ from gligen.eval.annotations import Filters, load_eval_set
 from gligen.eval.cli import register
 from gligen.eval.generate import image_name, layout_seed
 from gligen.eval.metrics import COCO_STATS, LVIS_GROUPS
+from tests.launch import accelerate_launch
 
 CATEGORIES = [{"id": 1, "name": "cat", "frequency": "f"}, {"id": 2, "name": "dog", "frequency": "c"},
               {"id": 3, "name": "traffic_light", "frequency": "r"}]
@@ -307,12 +305,6 @@ def test_generate_resumes_and_scores(tmp_path, tiny_gligen, tiny_detector):
     check_report(out / "score", num_images=3, num_missing=0, lvis=False)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_generate_split_over_two_launched_processes_equals_one(tmp_path, tiny_gligen):
     """Two CPU processes from `accelerate launch` (torchrun; `--cpu` alone starts one process without mpirun)."""
     annotations = write(tmp_path / "instances.json", instances())
@@ -322,10 +314,7 @@ def test_generate_split_over_two_launched_processes_equals_one(tmp_path, tiny_gl
     status, stderr = cli(*command[1:], "--out", str(tmp_path / "one"))
     assert status == 0, stderr
 
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port()), "-m", "gligen.cli", *command, "--out", str(tmp_path / "two")]
-    done = subprocess.run(launch, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    done = accelerate_launch("-m", "gligen.cli", *command, "--out", str(tmp_path / "two"))
     assert done.returncode == 0, done.stderr[-3000:]
     made = dict(re.findall(r"process (\d) of 2: made (\d+) images", done.stderr))
     assert sorted(made) == ["0", "1"] and sorted(made.values()) == ["1", "2"]  # 3 images, each process its share

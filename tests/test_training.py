@@ -24,6 +24,7 @@ from gligen.pipeline import GligenPipeline
 from gligen.training import Trainer, TrainingStopped, load_config
 from gligen.training.config import DataConfig
 from gligen.training.dataset import DataPosition, ShardDataset, augment, swap_left_right
+from tests.launch import accelerate_launch
 from tests.tiny import HIDDEN, save_tiny_sd, tiny_image_encoder
 
 
@@ -409,3 +410,27 @@ def test_gate_lr_scale_moves_only_the_gates_faster(setup):
     gates = [k for k in moved[1] if k.endswith(("alpha_attn", "alpha_dense"))]
     assert gates and all(moved[10][k] == pytest.approx(10 * moved[1][k], rel=1e-3) for k in gates)
     assert all(moved[10][k] == pytest.approx(moved[1][k], rel=1e-4) for k in moved[1] if k not in gates)
+
+
+def test_two_launched_processes_train_checkpoint_and_resume_exactly(setup, tmp_path):
+    """`accelerate launch` with 2 processes: a run stopped at a checkpoint and rerun ends where a straight run does."""
+    shards = tmp_path / "shards"  # 2 readers: each process reads every other shard
+    write_shards(str(shards), 16, size=40, samples_per_shard=4)
+
+    def launch(out, steps):
+        done = accelerate_launch("train.py", "--config", "configs/tiny_test.yaml", f"model.base={setup['sd']}",
+                                 f"data.shards={shards}", f"output_dir={tmp_path / out}", "data.resolution=16",
+                                 "batch_size=1", f"max_steps={steps}", "checkpoint_every=2", "ema_decay=0.9")
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    launch("straight", 4)
+    launch("resumed", 2)
+    first = tmp_path / "resumed" / "checkpoints" / "checkpoint-00000002"
+    positions = [json.loads((first / f"training_state_{rank}.json").read_text())["positions"] for rank in (0, 1)]
+    assert all(p["0"]["sample"] == 2 for p in positions)  # each process read 2 samples of its own shard
+    launch("resumed", 4)
+    straight = load_file(str(tmp_path / "straight" / "adapter" / "adapter.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "adapter" / "adapter.safetensors"))
+    assert sorted(straight) == sorted(resumed)
+    assert all(torch.equal(v, resumed[k]) for k, v in straight.items())
+    assert any(v.abs().max() > 0 for k, v in straight.items() if "alpha_attn" in k)

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from accelerate import PartialState
-from accelerate.utils import get_int_from_env, parse_flag_from_env
+from accelerate.utils import parse_flag_from_env
 from PIL import Image
 from tqdm.auto import tqdm
 
+from gligen.devices import launched_processes
 from gligen.errors import UserError
 from gligen.eval.annotations import Record
 from gligen.files import save_image
@@ -63,7 +64,7 @@ def process_state(device: str | None = None) -> PartialState:
     is refused for the same reason.
     """
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or device == "cpu")
-    launched = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+    launched = launched_processes()
     if launched > 1 and state.num_processes == 1:
         raise UserError(f"{launched} processes were launched but did not join (each would make every image); "
                         "on CPUs pass --device cpu")

@@ -50,6 +50,7 @@ from torch import nn
 from tqdm import tqdm
 
 from gligen.adapter import GroundingAdapter
+from gligen.devices import launched_processes
 from gligen.draw import draw_boxes, make_grid
 from gligen.errors import UserError
 from gligen.files import atomic_path, save_image, write_json
@@ -169,12 +170,18 @@ class Trainer:
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.log_to_tensorboard = importlib.util.find_spec("tensorboard") is not None
+        # without CUDA, launched processes join (over gloo) only when told that they run on CPUs
+        launched = launched_processes()
         self.accelerator = Accelerator(
+            cpu=launched > 1 and not torch.cuda.is_available(),
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             log_with="tensorboard" if self.log_to_tensorboard else None,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )
+        if launched > 1 and self.accelerator.num_processes == 1:
+            raise UserError(f"{launched} processes were launched but did not join (each would train alone and "
+                            "write the same checkpoints); check the accelerate launch configuration")
         set_seed(config.seed)  # the fresh adapter's initialisation
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
         parts = parts or load_base(config, self.weight_dtype)
