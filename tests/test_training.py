@@ -132,9 +132,14 @@ def test_training_run_checkpoints_and_adapter(setup):
     layouts = setup["root"] / "validation.jsonl"
     save_layouts(layouts, [Layout("a blue star", (Entity("a blue star", (0.1, 0.2, 0.6, 0.9)),), width=16, height=16)] * 2)
     trainer = Trainer(config(setup, "run", "max_steps=20", "grounding_drop=0", "data.caption_drop=0",
-                             "optim.lr=3e-3", "checkpoint_every=10", f"validation.layouts={layouts}", "validation.every=20"))
+                             "optim.lr=3e-3", "checkpoint_every=10", f"validation.layouts={layouts}", "validation.every=20",
+                             "validation.grounding_gain_samples=4"))
     base = {k: v.clone() for k, v in trainer.parts["unet"].state_dict().items() if ".fuser." not in k and "position_net" not in k}
     before = adapter_tensors(trainer)
+    rng = trainer.generator.get_state()
+    closed = trainer.grounding_gain()  # zero gates: grounding changes nothing yet
+    assert closed["loss_grounded"] == closed["loss_ungrounded"] > 0 and closed["grounding_gain"] == 0
+    assert torch.equal(trainer.generator.get_state(), rng)  # training's randomness is left alone
     batch = next(iter(ShardDataset(trainer.config.data, batch_size=4, seed=1)))
     loss_before = _fixed_loss(trainer, batch)
     out = trainer.train()
@@ -146,8 +151,10 @@ def test_training_run_checkpoints_and_adapter(setup):
     assert any(".fuser.alpha_attn" in k for k in changed) and any(k.startswith("position_net.") for k in changed)
 
     metrics = [json.loads(line) for line in (setup["root"] / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [5, 10, 15, 20, 20]
+    assert [m["step"] for m in metrics] == [5, 10, 15, 20, 20, 20]
     grid = Image.open(metrics.pop()["validation_grid"])
+    gain = metrics.pop()
+    assert gain == {"step": 20, **trainer.grounding_gain()} and gain["grounding_gain"] != 0
     assert grid.size == (2 * 258 + 2, 258 + 2)  # two 16x16 images with box overlays (enlarged to 256), padded
     assert metrics[-1]["skipped_samples"] >= 2  # 40 samples drawn: the corrupt pair was met at least once
     assert all(m["lr"] == 3e-3 and m["grad_norm"] > 0 for m in metrics)

@@ -61,9 +61,10 @@ class OptimConfig:
 
 @dataclass
 class ValidationConfig:
-    """Fixed layouts generated every `every` steps (0: never)."""
+    """Every `every` steps (0: never): fixed layouts generated, and the grounding gain measured."""
 
     layouts: str | None = None  # a layout file (.json / .jsonl)
+    grounding_gain_samples: int = 0  # a fixed batch of this many shard samples: loss with grounding vs without
     every: int = 5000
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
@@ -112,6 +113,7 @@ class TrainConfig:
             (self.log_every >= 1, "log_every", "must be at least 1"),
             (self.max_bad_steps_in_a_row >= 1, "max_bad_steps_in_a_row", "must be at least 1"),
             (self.validation.every >= 0, "validation.every", "must be >= 0"),
+            (self.validation.grounding_gain_samples >= 0, "validation.grounding_gain_samples", "must be >= 0"),
             (not (self.model.feature_type == "text-image-box" and not self.model.image_encoder),
              "model.image_encoder", "is required for feature_type text-image-box"),
             (bool(self.data.shards), "data.shards", "must name the training shards"),
