@@ -65,6 +65,8 @@ def test_config_errors_name_the_key(setup):
     with pytest.raises(UserError, match="key=value"):
         config(setup, "x", "optim.lr")
     assert config(setup, "x", "optim.betas=[0.5, 0.9]").optim.betas == [0.5, 0.9]
+    with pytest.raises(UserError, match="config key model.base: .*: not a diffusers pipeline directory"):
+        Trainer(config(setup, "x", f"model.base={setup['shards']}"))
 
 
 @pytest.mark.parametrize("path", sorted(Path("configs").glob("*.yaml")), ids=lambda p: p.name)

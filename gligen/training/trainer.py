@@ -97,13 +97,16 @@ def load_base(config: TrainConfig, dtype: torch.dtype = torch.float32) -> dict[s
     An SDXL base adds `text_encoder_2` and `tokenizer_2`.
     """
     base, revision = config.model.base, config.model.revision
-    index = model_index(base, revision)
-    names = ["tokenizer", "text_encoder", "vae", "unet"] + (SDXL_COMPONENTS if is_sdxl(index) else [])
-    parts = {name: load_component(base, index, name, dtype, revision) for name in names}
     try:
+        index = model_index(base, revision)
+        names = ["tokenizer", "text_encoder", "vae", "unet"] + (SDXL_COMPONENTS if is_sdxl(index) else [])
+        parts = {name: load_component(base, index, name, dtype, revision) for name in names}
         parts["noise_scheduler"] = DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=revision)
+    except UserError as error:
+        raise UserError(f"config key model.base: {error}") from None
     except (OSError, ValueError) as error:
-        raise UserError(f"{base}: cannot load scheduler ({str(error).splitlines()[0]})") from None
+        raise UserError(f"config key model.base: {base}: cannot load the scheduler ({str(error).splitlines()[0]})"
+                        ) from None
     if config.model.feature_type == "text-image-box":
         projection, encoder, processor = load_image_side(config.model.image_encoder)
         parts.update(image_projection=projection, image_encoder=encoder, image_processor=processor)
