@@ -171,12 +171,12 @@ class GligenPipeline:
             adapter = adapter or DEMO
         model, adapter = resolve_model(model, "base"), adapter and resolve_model(adapter, "adapter")
         index = model_index(model)
-        names = ["vae", "text_encoder", "tokenizer", "unet", "scheduler"] + (SDXL_COMPONENTS if is_sdxl(index) else [])
+        sdxl = is_sdxl(index)
+        names = ["vae", "text_encoder", "tokenizer", "unet", "scheduler"] + (SDXL_COMPONENTS if sdxl else [])
         components = {name: load_component(model, index, name, dtype) for name in names}
-        if is_sdxl(index):
+        if sdxl:
             components["force_zeros_for_empty_prompt"] = index.get("force_zeros_for_empty_prompt", True)
-            if dtype == torch.float16 and components["vae"].config.force_upcast:
-                components["vae"].to(torch.float32)  # SDXL's VAE overflows in fp16 (diffusers upcasts it too)
+            keep_sdxl_vae_in_fp32(components["vae"], dtype)
         if scheduler is not None:
             components["scheduler"] = make_scheduler(scheduler, components["scheduler"].config)
         unet = components["unet"]
@@ -419,6 +419,12 @@ SDXL_COMPONENTS = ["text_encoder_2", "tokenizer_2"]
 def is_sdxl(index: dict) -> bool:
     """Whether a pipeline's `model_index.json` has SDXL's second text encoder."""
     return (index.get("text_encoder_2") or [None, None])[1] is not None
+
+
+def keep_sdxl_vae_in_fp32(vae, dtype: torch.dtype) -> None:
+    """SDXL's VAE overflows in fp16: with `dtype` fp16 it stays in fp32 when its config asks (as in diffusers)."""
+    if dtype == torch.float16 and vae.config.force_upcast:
+        vae.to(torch.float32)
 
 
 def load_component(model: str, index: dict, name: str, dtype: torch.dtype, revision: str | None = None):

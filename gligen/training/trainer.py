@@ -56,7 +56,15 @@ from gligen.errors import UserError
 from gligen.files import atomic_path, save_image, write_json
 from gligen.grounding import GroundingInputs, encode_images, scatter_embeds
 from gligen.layout import load_layouts
-from gligen.pipeline import SDXL_COMPONENTS, GligenPipeline, box_mask, is_sdxl, load_component, model_index
+from gligen.pipeline import (
+    SDXL_COMPONENTS,
+    GligenPipeline,
+    box_mask,
+    is_sdxl,
+    keep_sdxl_vae_in_fp32,
+    load_component,
+    model_index,
+)
 from gligen.prompts import PromptEmbeds, PromptEncoder, time_ids
 from gligen.training.cache import EncodingCache
 from gligen.training.config import TrainConfig
@@ -196,8 +204,8 @@ class Trainer:
                 module = parts[name].requires_grad_(False).eval().to(self.device)
                 if module.dtype != self.weight_dtype:  # diffusers warns on every cast, needed or not
                     module.to(self.weight_dtype)
-        if self.prompts.is_sdxl and self.weight_dtype == torch.float16 and parts["vae"].config.force_upcast:
-            parts["vae"].to(torch.float32)  # SDXL's VAE overflows in fp16
+        if self.prompts.is_sdxl:
+            keep_sdxl_vae_in_fp32(parts["vae"], self.weight_dtype)
         self.noise_scheduler = parts["noise_scheduler"]
 
         self.adapter = make_adapter(config, parts).to(self.device)
