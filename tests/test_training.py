@@ -375,14 +375,20 @@ def test_text_image_box_adapter_trains_and_generates_with_a_reference(setup, tex
     encoder = GligenPipeline.from_pretrained(str(setup["sd"]), adapter=str(out), image_encoder=str(bare)).image_encoder
     torch.testing.assert_close(encoder.visual_projection.weight, CLIPModel.from_pretrained(bare).visual_projection.weight,
                                rtol=0, atol=0)
+    with torch.no_grad():  # gates opened, so that what a reference changes stands far above rounding noise
+        for fuser in pipe.adapter.fusers:
+            fuser.alpha_attn.fill_(1.0)
+            fuser.alpha_dense.fill_(1.0)
     latents = {}
     for name, colour in (("red", (250, 0, 0)), ("blue", (0, 0, 250))):
         path = setup["root"] / f"{name}.png"
         Image.new("RGB", (20, 20), colour).save(path)
         layout = Layout("a thing", (Entity("a thing", (0.2, 0.2, 0.7, 0.7), image=str(path)),), width=16, height=16)
         latents[name] = pipe([layout, layout], num_inference_steps=2, schedule=(1.0, 0.0, 0.0), output_type="latent")
-    torch.testing.assert_close(latents["red"][0], latents["red"][1], rtol=0, atol=0)
-    assert not torch.equal(latents["red"][0], latents["blue"][0])  # bit-identical if the reference were ignored
+    # Rows of one batch may differ in the last bits (CPU kernels treat batch rows differently on some
+    # machines); a reference image that is used moves the latents by far more than that tolerance.
+    torch.testing.assert_close(latents["red"][0], latents["red"][1], rtol=0, atol=1e-4)
+    assert (latents["red"][0] - latents["blue"][0]).abs().max() > 1e-3  # 3e-3 measured
 
 
 def test_text_image_box_trains_in_bf16(setup, text_image, fresh_accelerator):
