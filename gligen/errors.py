@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 import traceback
 from dataclasses import dataclass
@@ -21,6 +22,18 @@ from typing import Callable, Sequence
 
 class UserError(Exception):
     """Bad input from the user; the message names what is wrong and where."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread by `run_cli`'s handler so that a job stops as on Ctrl-C.
+
+    Like KeyboardInterrupt it is not an Exception: long jobs catch both to save what they can
+    (a training checkpoint), then re-raise; `run_cli` turns them into exit 143 and 130.
+    """
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
@@ -33,6 +46,7 @@ def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) 
     if not hasattr(args, "func"):
         parser.print_usage(sys.stderr)
         return 2
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         args.func(args)
     except UserError as error:
@@ -40,6 +54,14 @@ def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) 
             traceback.print_exc()
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, Terminated) as stop:
+        if args.debug:
+            traceback.print_exc()
+        cause, status = ("interrupted", 130) if isinstance(stop, KeyboardInterrupt) else ("terminated", 143)
+        print(f"{parser.prog}: {cause}; rerun the same command to resume", file=sys.stderr)
+        return status
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 
