@@ -35,7 +35,7 @@ from transformers import (
 from transformers.models.grounding_dino import GroundingDinoImageProcessorPil
 
 from detector.preprocess import ImageSettings
-from gligen.demo import resolve_model
+from gligen.bundled import resolve_model
 from gligen.errors import UserError
 from gligen.safe_pickle import inert_objects, load_checkpoint
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +40,8 @@ class AdapterConfig:
     (dim, heads, head_dim). `positive_len` is the phrase embedding size (the text encoder's
     pooled output), `cross_attention_dim` the token size. `image_embed_dim` is the CLIP
     image embedding size (text-image-box only); `extra_in_channels` the zero-initialised
-    UNet input channels added for inpainting (0 when the base already takes them).
+    UNet input channels added for inpainting (0 when the base already takes them);
+    `max_entities` the number of grounding slots the adapter was trained with.
     """
 
     blocks: dict[str, tuple[int, int, int]]
@@ -52,7 +53,6 @@ class AdapterConfig:
     extra_in_channels: int = 0
     max_entities: int = 30
     base_model: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.feature_type not in FEATURE_TYPES:
@@ -108,7 +108,6 @@ class GroundingAdapter(nn.Module):
             self.image_projection = nn.Linear(config.image_embed_dim or config.positive_len, config.positive_len, bias=False)
             self.image_projection.requires_grad_(False)
         self.conv_in_extra = None
-        self._base_conv_in: nn.Conv2d | None = None
 
     @classmethod
     def for_unet(
@@ -175,7 +174,6 @@ class GroundingAdapter(nn.Module):
         self.check_fits(unet)
         attach_fusers(unet, dict(zip(self.block_paths, self.fusers)))
         if self.conv_in_extra is not None:
-            self._base_conv_in = unet.conv_in
             unet.conv_in = ExtendedConvIn(unet.conv_in, self.conv_in_extra)
 
     def detach(self, unet: nn.Module) -> None:
@@ -234,8 +232,10 @@ class GroundingAdapter(nn.Module):
         if not config_path.is_file() or not weights_path.is_file():
             raise UserError(f"{directory}: not an adapter directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
         try:
-            config = AdapterConfig(**json.loads(config_path.read_text()))
-        except (json.JSONDecodeError, TypeError) as error:
+            fields = json.loads(config_path.read_text())
+            fields.pop("extra", None)  # a key, never used, that older adapter configs carry
+            config = AdapterConfig(**fields)
+        except (json.JSONDecodeError, TypeError, AttributeError) as error:
             raise UserError(f"{config_path}: not a valid adapter config ({error})") from None
         try:
             state = load_file(str(weights_path))

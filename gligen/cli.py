@@ -12,6 +12,7 @@ COMMANDS = [
             "gligen.convert:register"),
     Command("data", "make training shards", "gligen.data.cli:register"),
     Command("eval", "generate from held-out layouts and score them (AP, layout success)", "gligen.eval.cli:register"),
+    Command("train", "train a grounding adapter", "gligen.training.cli:register"),
 ]
 
 

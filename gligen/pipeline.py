@@ -20,18 +20,14 @@ global RNG set to the generator's state after the initial latents the two agree 
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import itertools
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import diffusers
 import torch
-import transformers
-from diffusers import DiffusionPipeline, ModelMixin
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
@@ -39,7 +35,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from gligen.adapter import GroundingAdapter
-from gligen.demo import DEMO, resolve_model
+from gligen.base import FrozenBase, load_component, load_image_encoder, model_index
+from gligen.bundled import DEMO, resolve_model
 from gligen.errors import UserError
 from gligen.files import open_image
 from gligen.grounding import GroundingInputs, encode_images, pad_entities, scatter_embeds
@@ -147,6 +144,12 @@ class GligenPipeline:
     # --- loading ---
 
     @classmethod
+    def from_base(cls, base: FrozenBase, adapter: GroundingAdapter | None = None) -> GligenPipeline:
+        """A pipeline on a loaded base (its networks used as they are, not copied) and an adapter."""
+        return cls(base.vae, base.text_encoder, base.tokenizer, base.unet, base.scheduler, adapter, base.image_encoder,
+                   base.image_processor, base.text_encoder_2, base.tokenizer_2, base.force_zeros_for_empty_prompt)
+
+    @classmethod
     def from_pretrained(
         cls,
         model: str,
@@ -170,34 +173,23 @@ class GligenPipeline:
         if model == DEMO:  # the bundled shapes world: base and adapter together
             adapter = adapter or DEMO
         model, adapter = resolve_model(model, "base"), adapter and resolve_model(adapter, "adapter")
-        index = model_index(model)
-        sdxl = is_sdxl(index)
-        names = ["vae", "text_encoder", "tokenizer", "unet", "scheduler"] + (SDXL_COMPONENTS if sdxl else [])
-        components = {name: load_component(model, index, name, dtype) for name in names}
-        if sdxl:
-            components["force_zeros_for_empty_prompt"] = index.get("force_zeros_for_empty_prompt", True)
-            keep_sdxl_vae_in_fp32(components["vae"], dtype)
+        base = FrozenBase.from_pretrained(model, dtype)
         if scheduler is not None:
-            components["scheduler"] = make_scheduler(scheduler, components["scheduler"].config)
-        unet = components["unet"]
-        image_model = image_processor = inside = None
-        if unet.config.attention_type in ("gated", "gated-text-image"):
+            base.scheduler = make_scheduler(scheduler, base.scheduler.config)
+        inside = None
+        if base.unet.config.attention_type in ("gated", "gated-text-image"):
             from gligen.convert import split_gligen_unet
 
-            projection = None
+            index = model_index(model)
             if "image_project" in index:
-                projection = load_component(model, index, "image_project", dtype).project
-                image_model = load_component(model, index, "image_encoder", dtype)
-                image_processor = load_component(model, index, "processor", dtype)
-            components["unet"], inside = split_gligen_unet(unet, projection)
+                base.image_projection = load_component(model, index, "image_project", dtype).project
+                base.image_encoder = load_component(model, index, "image_encoder", dtype)
+                base.image_processor = load_component(model, index, "processor", dtype)
+            base.unet, inside = split_gligen_unet(base.unet, base.image_projection)
         grounding = GroundingAdapter.from_pretrained(adapter, dtype) if adapter is not None else inside
         if image_encoder is not None:
-            image_model, image_processor = _load_image_encoder(image_encoder, dtype)
-        for module in (components["vae"], components["text_encoder"], components.get("text_encoder_2"),
-                       components["unet"], image_model):
-            if module is not None:
-                module.to(device)
-        pipeline = cls(adapter=grounding, image_encoder=image_model, image_processor=image_processor, **components)
+            base.image_encoder, base.image_processor = load_image_encoder(image_encoder, dtype)
+        pipeline = cls.from_base(base.to(device), grounding)
         pipeline.set_attention(attention)
         return pipeline
 
@@ -400,68 +392,3 @@ def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
     crop_w, crop_h = min(w, h * width / height), min(h, w * height / width)
     box = ((w - crop_w) / 2, (h - crop_h) / 2, (w + crop_w) / 2, (h + crop_h) / 2)
     return image.crop(box).resize((width, height), Image.LANCZOS)
-
-
-def model_index(model: str, revision: str | None = None) -> dict:
-    """The `model_index.json` of a diffusers pipeline directory or hub id."""
-    path = Path(model)
-    if path.exists() and not (path / "model_index.json").is_file():
-        raise UserError(f"{model}: not a diffusers pipeline directory (no model_index.json)")
-    try:
-        return DiffusionPipeline.load_config(model, revision=revision)
-    except (OSError, ValueError) as error:
-        raise UserError(f"{model}: cannot load a diffusers pipeline ({str(error).splitlines()[0]})") from None
-
-
-SDXL_COMPONENTS = ["text_encoder_2", "tokenizer_2"]
-
-
-def is_sdxl(index: dict) -> bool:
-    """Whether a pipeline's `model_index.json` has SDXL's second text encoder."""
-    return (index.get("text_encoder_2") or [None, None])[1] is not None
-
-
-def keep_sdxl_vae_in_fp32(vae, dtype: torch.dtype) -> None:
-    """SDXL's VAE overflows in fp16: with `dtype` fp16 it stays in fp32 when its config asks (as in diffusers)."""
-    if dtype == torch.float16 and vae.config.force_upcast:
-        vae.to(torch.float32)
-
-
-def load_component(model: str, index: dict, name: str, dtype: torch.dtype, revision: str | None = None):
-    """Load pipeline component `name` with the class `model_index.json` names for it."""
-    if name not in index or index[name][1] is None:
-        raise UserError(f"{model}: the pipeline has no {name}")
-    class_name = index[name][1]
-    component_class = getattr(diffusers, class_name, None) or getattr(transformers, class_name, None)
-    if component_class is None:
-        module = importlib.import_module(f"diffusers.pipelines.{index[name][0]}")
-        component_class = getattr(module, class_name)
-    kwargs = {}
-    if issubclass(component_class, ModelMixin):
-        kwargs["torch_dtype"] = dtype
-    elif issubclass(component_class, transformers.PreTrainedModel):
-        kwargs["dtype"] = dtype
-    try:
-        component = component_class.from_pretrained(model, subfolder=name, revision=revision, **kwargs)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise UserError(f"{model}: cannot load {name} ({str(error).splitlines()[0]})") from None
-    return component.eval() if isinstance(component, torch.nn.Module) else component
-
-
-def _load_image_encoder(path: str, dtype: torch.dtype):
-    """A CLIP vision model with projection and its image processor, from a full CLIP model or a vision-only one.
-
-    A full CLIP model's vision tower takes the model's `projection_dim`, which its tower config
-    need not repeat (transformers would otherwise build a projection of the default width).
-    """
-    try:
-        if transformers.AutoConfig.from_pretrained(path).model_type == "clip":
-            from gligen.convert import clip_image_side
-
-            _, encoder, processor = clip_image_side(path)
-            return encoder.to(dtype), processor
-        encoder = transformers.CLIPVisionModelWithProjection.from_pretrained(path, dtype=dtype).eval()
-        processor = transformers.CLIPImageProcessor.from_pretrained(path)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise UserError(f"{path}: cannot load a CLIP image encoder ({str(error).splitlines()[0]})") from None
-    return encoder, processor

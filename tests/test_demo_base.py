@@ -14,7 +14,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-import gligen.demo
+import gligen.bundled
 from gligen.adapter import GroundingAdapter
 from gligen.data.shapes import shape_layouts, write_shards
 from gligen.demo import resolve_model, train_base
@@ -175,7 +175,7 @@ def test_killed_run_resumes_to_the_same_weights(run, shards, tmp_path, monkeypat
 
 def test_resolve_model_names_the_bundled_directories(tmp_path, monkeypatch):
     assert resolve_model("runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"
-    monkeypatch.setattr(gligen.demo, "MODELS_DIR", tmp_path)
+    monkeypatch.setattr(gligen.bundled, "MODELS_DIR", tmp_path)
     with pytest.raises(UserError, match=r"demo adapter model is not bundled .*adapter"):
         resolve_model("demo", "adapter")
     (tmp_path / "base").mkdir()

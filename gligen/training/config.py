@@ -1,6 +1,7 @@
 """Training configuration: nested dataclasses read from YAML, with `key=value` overrides.
 
     cfg = load_config("configs/sd14_text_box.yaml", ["optim.lr=1e-4", "data.shards=/data/{000..009}.tar"])
+    cfg = load_config("sd14_text_box", [...])   # a config shipped in the package (gligen/configs/)
 
 Override values are parsed as YAML (`1e-4`, `true`, `[a, b]`, `null`). Every unknown key
 and every value of the wrong type raises a `UserError` naming the dotted key.
@@ -16,8 +17,13 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
+from accelerate.utils import LoggerType
 
 from gligen.errors import UserError
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"  # gligen/configs, shipped with the package
+# accelerate's trackers (tensorboard, wandb, ...), "all" (those installed) or "none"
+TRACKER_NAMES = tuple(str(kind) for kind in LoggerType) + ("none",)
 
 
 @dataclass
@@ -57,6 +63,7 @@ class OptimConfig:
     lr_schedule: Literal["constant", "cosine"] = "constant"
     max_grad_norm: float = 1.0
     gate_lr_scale: float = 1.0  # the fusers' zero-initialised gates learn at lr * this (they move slowly)
+    use_8bit_adam: bool = False  # bitsandbytes' 8-bit AdamW: optimizer state in a quarter of the memory
 
 
 @dataclass
@@ -88,6 +95,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 50
     max_bad_steps_in_a_row: int = 20  # NaN / infinite losses in a row before the run stops
+    report_to: str | list[str] = "tensorboard"  # accelerate trackers (tensorboard, wandb, ...), "all" or "none"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -121,17 +129,19 @@ class TrainConfig:
         for ok, key, rule in checks:
             if not ok:
                 raise UserError(f"config key {key} {rule}")
+        self.report_to = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        for name in self.report_to:
+            if name not in TRACKER_NAMES:
+                raise UserError(f"config key report_to: {name!r} is not one of {', '.join(TRACKER_NAMES)}")
         if abs(sum(self.validation.schedule) - 1) > 1e-6 or len(self.validation.schedule) != 3:
             raise UserError("config key validation.schedule must be three fractions summing to 1")
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """A `TrainConfig` from a YAML file (or the defaults) and `key=value` dotted overrides."""
+    """A `TrainConfig` from a YAML file or a shipped config's name (or the defaults) and `key=value` dotted overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"{path}: config file not found")
+        path = config_path(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
@@ -144,6 +154,18 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
             raise UserError(f"override {override!r} must look like key=value (e.g. optim.lr=1e-4)")
         _set_dotted(data, key.strip(), _parse_value(text, key))
     return build(TrainConfig, data)
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """A config file: the path itself if it exists, else the shipped config of that name (`sd14_text_box[.yaml]`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = CONFIGS_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
+    raise UserError(f"{name_or_path}: config file not found, nor a shipped config ({names})")
 
 
 def _parse_value(text: str, key: str) -> Any:

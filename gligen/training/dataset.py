@@ -34,6 +34,7 @@ from PIL import Image
 
 from gligen.data.format import Sample, SampleError, decode_sample, shard_urls
 from gligen.errors import UserError
+from gligen.training.batch import TrainingBatch
 from gligen.training.config import DataConfig
 
 
@@ -136,34 +137,33 @@ def _reference(sample: Sample, image: Image.Image, index: int, box) -> Image.Ima
     return image.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)))
 
 
-def collate(samples: Sequence[TrainingSample], max_entities: int) -> dict[str, Any]:
-    """Batch samples: pixels (B,3,R,R), boxes (B,N,4), masks (B,N) with N = max_entities,
-    original_sizes and crops_top_left (B,2), and lists."""
+def collate(samples: Sequence[TrainingSample], max_entities: int) -> TrainingBatch:
+    """Batch samples, entities padded to `max_entities` slots."""
     boxes = torch.zeros(len(samples), max_entities, 4)
     masks = torch.zeros(len(samples), max_entities)
     for i, sample in enumerate(samples):
         if sample.boxes:
             boxes[i, :len(sample.boxes)] = torch.tensor(sample.boxes)
             masks[i, :len(sample.boxes)] = 1
-    return {
-        "pixels": torch.stack([s.pixels for s in samples]),
-        "boxes": boxes,
-        "masks": masks,
-        "captions": [s.caption for s in samples],
-        "phrases": [s.phrases for s in samples],
-        "references": [s.references for s in samples],
-        "cache_keys": [s.cache_key for s in samples],
-        "original_sizes": torch.tensor([s.original_size for s in samples], dtype=torch.float32),
-        "crops_top_left": torch.tensor([s.crop_top_left for s in samples], dtype=torch.float32),
-    }
+    return TrainingBatch(
+        pixels=torch.stack([s.pixels for s in samples]),
+        boxes=boxes,
+        masks=masks,
+        captions=[s.caption for s in samples],
+        phrases=[s.phrases for s in samples],
+        references=[s.references for s in samples],
+        cache_keys=[s.cache_key for s in samples],
+        original_sizes=torch.tensor([s.original_size for s in samples], dtype=torch.float32),
+        crops_top_left=torch.tensor([s.crop_top_left for s in samples], dtype=torch.float32),
+    )
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
     """Endless batches of augmented samples for one process, split across its loader workers.
 
-    Use with `DataLoader(dataset, batch_size=None, num_workers=...)`. Each batch carries
-    `batch["position"]`: its reader (`worker`) and that reader's `DataPosition` after the
-    batch, which is what a checkpoint saves and `positions` restores.
+    Use with `DataLoader(dataset, batch_size=None, num_workers=...)`. Each `TrainingBatch` carries
+    its reader (the loader worker) and that reader's `DataPosition` after the batch, which is
+    what a checkpoint saves and `positions` restores.
     """
 
     def __init__(
@@ -192,7 +192,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 f"({world_size} processes x {max(1, config.num_workers)} workers); write more shards or use fewer workers"
             )
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[TrainingBatch]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         position = DataPosition(**asdict(self.positions.get(worker, DataPosition())))
@@ -201,7 +201,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             batch.append(sample)
             if len(batch) == self.batch_size:
                 out = collate(batch, self.config.max_entities)
-                out["position"] = {"worker": worker, **asdict(position)}
+                out.reader, out.position = worker, DataPosition(**asdict(position))
                 yield out
                 batch = []
 

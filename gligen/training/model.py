@@ -1,0 +1,113 @@
+"""The networks of a training run: the frozen base a config names, the adapter, and the module accelerate wraps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from torch import nn
+
+from gligen.adapter import GroundingAdapter
+from gligen.base import FrozenBase
+from gligen.bundled import resolve_model
+from gligen.errors import UserError
+from gligen.grounding import GroundingInputs
+from gligen.prompts import PromptEmbeds
+from gligen.training.config import TrainConfig
+
+
+class GroundedUNet(nn.Module):
+    """The frozen UNet with the adapter attached: the one module accelerate wraps and trains.
+
+    forward: model input (B, C, h, w), timesteps (B,), prompt embeddings, grounding inputs,
+    SDXL's time ids (B, 6) -> the UNet's prediction (B, 4, h, w).
+
+    Only the adapter is a submodule: the UNet is held outside the module tree, so whatever
+    wraps this module (DDP, FSDP, DeepSpeed) syncs, shards and saves the adapter alone.
+    """
+
+    def __init__(self, unet: nn.Module, adapter: GroundingAdapter):
+        super().__init__()
+        self.adapter = adapter
+        object.__setattr__(self, "unet", unet)  # not registered: see the class docstring
+        adapter.attach(unet)
+
+    def forward(self, sample, timesteps, prompt: PromptEmbeds, grounding: GroundingInputs,
+                time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = self.adapter.tokens(grounding)
+        kwargs = self.adapter.cross_attention_kwargs(tokens, 1.0)
+        return self.unet(sample, timesteps, cross_attention_kwargs=kwargs, **prompt.unet_kwargs(time_ids)).sample
+
+
+def load_base(config: TrainConfig, dtype: torch.dtype = torch.float32) -> FrozenBase:
+    """The frozen base of `model.base` (`demo`: the bundled one) in `dtype`, with the CLIP image side for text-image-box."""
+    try:
+        base = FrozenBase.from_pretrained(resolve_model(config.model.base, "base"), dtype, config.model.revision)
+    except UserError as error:
+        raise UserError(f"config key model.base: {error}") from None
+    if config.model.feature_type == "text-image-box":
+        base.image_projection, base.image_encoder, base.image_processor = load_image_side(config.model.image_encoder)
+    return base
+
+
+def load_image_side(name: str) -> tuple[nn.Linear, nn.Module, Any]:
+    """The reference-image projection, CLIP vision encoder and image processor of a full CLIP model.
+
+    The projection is CLIP's transposed text projection, so `name` must be a full CLIP model
+    (CLIPModel: its tower configs need not repeat `projection_dim`). A vision-only directory is
+    refused: transformers would build its "text projection" from random weights without an error.
+    """
+    from transformers import AutoConfig
+
+    from gligen.convert import clip_image_side
+
+    try:
+        model_type = AutoConfig.from_pretrained(name).model_type
+    except (OSError, ValueError) as error:
+        reason = str(error).splitlines()[0]
+        raise UserError(f"model.image_encoder {name!r}: cannot load a CLIP model ({reason})") from None
+    if model_type != "clip":
+        raise UserError(
+            f"model.image_encoder {name!r} is a {model_type} model; text-image-box training needs a full CLIP "
+            f"model (vision encoder and text projection), such as openai/clip-vit-large-patch14"
+        )
+    return clip_image_side(name)
+
+
+def make_adapter(config: TrainConfig, base: FrozenBase) -> GroundingAdapter:
+    """A fresh adapter for the base UNet (zero gates), or the one named by `model.adapter`.
+
+    Its config records the number of grounding slots this run trains with (`data.max_entities`).
+    """
+    if config.model.adapter:
+        adapter = GroundingAdapter.from_pretrained(config.model.adapter)
+        adapter.check_fits(base.unet)
+    else:
+        image_dim = base.image_encoder.config.projection_dim if base.image_encoder is not None else None
+        adapter = GroundingAdapter.for_unet(
+            base.unet, config.model.feature_type, positive_len=base.prompt_encoder().phrase_dim,
+            inpaint=config.model.inpaint, image_embed_dim=image_dim, base_model=config.model.base,
+        )
+        if adapter.image_projection is not None:
+            # image embeddings are mapped back into the text space by the transposed CLIP text projection
+            projection = base.image_projection.weight
+            if projection.shape != adapter.image_projection.weight.shape:
+                raise UserError(
+                    f"model.image_encoder {config.model.image_encoder!r}: its text projection maps to "
+                    f"{projection.shape[0]} dims, but the base's text encoder has {adapter.config.positive_len}"
+                )
+            adapter.image_projection.weight.data.copy_(projection)
+    adapter.config.max_entities = config.data.max_entities
+    return adapter
+
+
+def set_attention(unet: nn.Module, kind: str) -> None:
+    """Attention kernel for the whole UNet, fusers included (attach them first): sdpa, xformers or eager."""
+    if kind == "xformers":
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except (ImportError, ModuleNotFoundError, ValueError) as error:
+            raise UserError(f"config key attention: xformers is not usable here ({error})") from None
+    else:
+        unet.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())

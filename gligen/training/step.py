@@ -1,0 +1,130 @@
+"""The training step's criterion: the denoising loss of one batch.
+
+    latents = VAE(crop) ; t, noise ~ U, N ; x_t = add_noise(latents, noise, t)
+    grounding tokens = position_net(boxes, phrase embeddings)   (null for `grounding_drop` of the samples)
+    loss = || UNet(x_t [, masked latents, mask], t, caption embeddings, tokens) - noise ||^2   (or - velocity)
+
+On SDXL the UNet also gets the caption's pooled embedding and the time ids of the crop: the
+image's original size, the crop's top-left corner and the training resolution.
+
+Every random draw (VAE sample, timesteps, noise, grounding drop) comes from `trainer.generator`,
+in this order, so a step is a pure function of the weights, the batch and the generator state.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from gligen.grounding import GroundingInputs, encode_images, scatter_embeds
+from gligen.pipeline import box_mask
+from gligen.prompts import PromptEmbeds, time_ids
+from gligen.training.batch import TrainingBatch
+
+if TYPE_CHECKING:
+    from gligen.training.trainer import Trainer
+
+
+def loss(trainer: Trainer, batch: TrainingBatch | Mapping[str, Any], grounding_drop: float | None = None
+         ) -> torch.Tensor:
+    """The denoising loss of one batch (a scalar)."""
+    batch = TrainingBatch.of(batch)
+    latents = encode_latents(trainer, batch.pixels, batch.cache_keys)
+    timesteps = torch.randint(0, trainer.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              generator=trainer.generator).to(trainer.device)
+    noise = torch.randn(latents.shape, generator=trainer.generator).to(trainer.device)
+    model_input = trainer.noise_scheduler.add_noise(latents, noise, timesteps)
+    if trainer.adapter.conv_in_extra is not None:
+        model_input = torch.cat([model_input, *box_inpaint_input(latents, batch.boxes, batch.masks)], dim=1)
+    text = encode_captions(trainer, batch.captions)
+    grounding = grounding_inputs(trainer, batch, grounding_drop)
+    ids = None
+    if trainer.base.is_sdxl:
+        resolution = (trainer.config.data.resolution,) * 2
+        ids = time_ids(batch.original_sizes, batch.crops_top_left, resolution).to(trainer.device)
+    with trainer.accelerator.autocast():
+        prediction = trainer.model(model_input.to(trainer.weight_dtype), timesteps, text, grounding, ids)
+    if trainer.noise_scheduler.config.prediction_type == "v_prediction":
+        target = trainer.noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def _encode(trainer: Trainer, kind: str, keys: list[str], fn: Callable[[list[int]], tuple[torch.Tensor, ...]]
+            ) -> tuple[torch.Tensor, ...]:
+    """fn(indices) -> a tuple of tensors for those keys; through the cache when there is one."""
+    if trainer.cache:
+        return trainer.cache[kind].encode(keys, fn, trainer.device)
+    return fn(list(range(len(keys))))
+
+
+def encode_latents(trainer: Trainer, pixels: torch.Tensor, keys: list[str]) -> torch.Tensor:
+    """Pixels (B,3,R,R) in [-1,1] -> scaled latents (B,4,R/f,R/f), sampled from the VAE posterior."""
+    vae = trainer.base.vae
+
+    @torch.no_grad()
+    def moments(indices: list[int]) -> tuple[torch.Tensor]:
+        return (vae.encode(pixels[indices].to(trainer.device, vae.dtype)).latent_dist.parameters,)
+
+    params, = _encode(trainer, "latents", keys, moments)
+    latents = DiagonalGaussianDistribution(params.float()).sample(generator=trainer.generator)
+    return latents * vae.config.scaling_factor
+
+
+def encode_captions(trainer: Trainer, captions: list[str]) -> PromptEmbeds:
+    """Captions -> prompt embeddings: hidden states (B, 77, D) (and SDXL's pooled embeddings)."""
+    def encode(indices: list[int]) -> tuple[torch.Tensor, ...]:
+        embeds = trainer.prompts.prompts([captions[i] for i in indices])
+        return (embeds.hidden,) if embeds.pooled is None else (embeds.hidden, embeds.pooled)
+
+    return PromptEmbeds(*_encode(trainer, "text", captions, encode))
+
+
+def encode_phrases(trainer: Trainer, phrases: list[str]) -> torch.Tensor:
+    """Phrases -> pooled phrase embeddings (P, D)."""
+    if not phrases:
+        return trainer.prompts.phrases([])
+    embeds, = _encode(trainer, "phrases", phrases, lambda indices: (trainer.prompts.phrases([phrases[i] for i in indices]),))
+    return embeds
+
+
+def grounding_inputs(trainer: Trainer, batch: TrainingBatch | Mapping[str, Any], grounding_drop: float | None = None
+                     ) -> GroundingInputs:
+    """The batch's grounding, each sample dropped to null (masks 0) with probability `grounding_drop`
+    (the config's by default)."""
+    batch = TrainingBatch.of(batch)
+    n = trainer.config.data.max_entities
+    counts = [len(p) for p in batch.phrases]
+    phrase_embeds = scatter_embeds(encode_phrases(trainer, [p for ps in batch.phrases for p in ps]), counts, n)
+    drop = trainer.config.grounding_drop if grounding_drop is None else grounding_drop
+    keep = (torch.rand(len(counts), generator=trainer.generator).to(trainer.device) >= drop).float()
+    masks = batch.masks.to(trainer.device) * keep[:, None]
+    image_embeds = image_masks = None
+    if trainer.adapter.config.feature_type == "text-image-box":
+        references = [image for images in batch.references for image in images]
+        if references:
+            # autocast: the projection is the adapter's (fp32), the frozen encoder may be bf16 / fp16
+            with torch.no_grad(), trainer.accelerator.autocast():
+                embeds = encode_images(trainer.base.image_encoder, trainer.base.image_processor,
+                                       trainer.adapter.image_projection, references)
+        else:
+            embeds = phrase_embeds.new_zeros(0, phrase_embeds.shape[-1])
+        image_embeds, image_masks = scatter_embeds(embeds, counts, n), masks
+    return GroundingInputs(batch.boxes.to(trainer.device), masks, phrase_embeds, image_embeds, image_masks)
+
+
+def box_inpaint_input(latents: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inpainting channels: latents with the boxes blanked (B,4,h,w) and the mask (B,1,h,w), 0 inside boxes.
+
+    The pipeline's own mask (as official GLIGEN and diffusers: drawn at latent resolution,
+    multiplying the clean latents), so the model learns to paint the boxed entities into their context.
+    """
+    mask = torch.stack([
+        box_mask([box for box, real in zip(b.tolist(), m.tolist()) if real], latents.shape[2:])
+        for b, m in zip(boxes, masks)
+    ])[:, None].to(latents)
+    return latents * mask, mask

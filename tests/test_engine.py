@@ -1,0 +1,129 @@
+"""The training engine's edges: typed batches, `gligen train` with shipped configs, trackers, stops and resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+
+from gligen.adapter import GroundingAdapter
+from gligen.errors import UserError
+from gligen.training import Trainer, TrainingBatch, load_config
+from gligen.training.dataset import ShardDataset
+from tests.launch import ROOT
+from gligen.data.shapes import write_shards
+from tests.test_training import config
+from tests.tiny import save_tiny_sd
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    write_shards(str(root / "shards"), 8, size=40, samples_per_shard=4)
+    return {"sd": save_tiny_sd(root / "sd"), "shards": root / "shards", "root": root}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator():
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def run_command(*args, cwd=ROOT, **kwargs):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kwargs)
+
+
+def tiny_args(setup, out, *overrides):
+    return [f"model.base={setup['sd']}", f"data.shards={setup['shards']}", f"output_dir={out}", "data.resolution=16",
+            *overrides]
+
+
+def test_batches_are_typed_and_read_by_key_as_before(setup):
+    cfg = load_config("tiny_test", tiny_args(setup, "x"))  # a shipped config by name
+    batches = iter(ShardDataset(cfg.data, batch_size=3, seed=5))
+    batch, second = next(batches), next(batches)
+    assert isinstance(batch, TrainingBatch) and batch.pixels.shape == (3, 3, 16, 16) and batch.boxes.shape == (3, 30, 4)
+    assert batch["position"] == {"worker": 0, **asdict(batch.position)} and batch["captions"] is batch.captions
+    assert batch.position != second.position  # a snapshot per batch, not the reader's live position
+    again = TrainingBatch.of({**batch})
+    assert again.captions == batch.captions and again.pixels is batch.pixels and again.position is None
+    with pytest.raises(UserError, match=r"nope: config file not found, nor a shipped config \(demo_shapes, sd14_"):
+        load_config("nope")
+
+
+def test_adapter_records_its_slots_and_old_configs_load(setup, tmp_path):
+    trainer = Trainer(config(setup, "slots", "max_steps=1", "data.max_entities=7", "report_to=none"))
+    out = trainer.train()
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["max_entities"] == 7 and "extra" not in saved
+    assert not list((setup["root"] / "slots" / "logs").glob("events.out.tfevents.*"))  # report_to=none
+    assert (setup["root"] / "slots" / "logs" / "metrics.jsonl").is_file()
+    saved["extra"] = {}  # as adapters saved before carry it
+    (out / "adapter_config.json").write_text(json.dumps(saved))
+    assert GroundingAdapter.from_pretrained(out).config.max_entities == 7
+    with pytest.raises(UserError, match="config key report_to: 'paper' is not one of"):
+        config(setup, "x", "report_to=[tensorboard, paper]")
+
+
+def test_tensorboard_gets_the_metrics_and_8bit_adam_needs_bitsandbytes(setup):
+    Trainer(config(setup, "tracked", "max_steps=2", "log_every=1", "report_to=tensorboard")).train()
+    assert list((setup["root"] / "tracked" / "logs").rglob("events.out.tfevents.*"))
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match="config key optim.use_8bit_adam: bitsandbytes is not installed"):
+            Trainer(config(setup, "adam8", "optim.use_8bit_adam=true"))
+
+
+def test_gligen_train_runs_a_shipped_config_from_outside_the_repository(setup, tmp_path):
+    done = run_command("-m", "gligen.cli", "train", "--config", "tiny_test",
+                       *tiny_args(setup, tmp_path / "run", "max_steps=2"), cwd=tmp_path)
+    stdout, stderr = done.communicate(timeout=300)
+    assert done.returncode == 0, stderr[-2000:]
+    assert f"adapter saved to {tmp_path / 'run' / 'adapter'}" in stdout
+    assert (tmp_path / "run" / "adapter" / "adapter.safetensors").is_file()
+    bad = run_command("-m", "gligen.cli", "train", "--config", "sd15_nothing", cwd=tmp_path)
+    _, stderr = bad.communicate(timeout=120)
+    assert bad.returncode == 1 and stderr.strip().splitlines()[-1].startswith(
+        "gligen: error: sd15_nothing: config file not found, nor a shipped config (demo_shapes, ")
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_as_an_uninterrupted_run(setup, tmp_path):
+    common = ["max_steps=8", "checkpoint_every=100", "log_every=1", "ema_decay=0.9", "optim.lr_schedule=cosine",
+              "optim.warmup_steps=2", "report_to=none"]
+    straight = Trainer(load_config("tiny_test", tiny_args(setup, tmp_path / "straight", *common)))
+    straight.train()
+
+    command = ["train.py", "--config", "configs/tiny_test.yaml", *tiny_args(setup, tmp_path / "stopped", *common)]
+    metrics = tmp_path / "stopped" / "logs" / "metrics.jsonl"
+    first = run_command(*command)
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3) and first.poll() is None:
+        assert time.monotonic() < deadline, "the run logged no 3 steps in time"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 143, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "train.py: terminated; rerun the same command to resume"
+    [saved] = (tmp_path / "stopped" / "checkpoints").iterdir()
+    stopped_at = int(saved.name.split("-")[1])
+    assert 3 <= stopped_at < 8 and not (tmp_path / "stopped" / "adapter").exists()
+
+    rerun = run_command(*command)
+    _, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr[-2000:]
+    assert f"resumed from {saved} at step {stopped_at}" in stderr
+    for name in ("adapter", "checkpoints/checkpoint-00000008/trained_adapter"):
+        expected = load_file(str(tmp_path / "straight" / name / "adapter.safetensors"))
+        got = load_file(str(tmp_path / "stopped" / name / "adapter.safetensors"))
+        assert expected.keys() == got.keys() and all(torch.equal(v, got[k]) for k, v in expected.items()), name
