@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -100,7 +101,11 @@ def inference_adapter(trainer: Trainer) -> GroundingAdapter | None:
 
 
 def save(trainer: Trainer) -> Path:
-    """Adapter + optimizer + RNG states (accelerate) + our state, into a directory renamed when complete."""
+    """Adapter + optimizer + RNG states (accelerate) + our state, into a directory renamed when complete.
+
+    Sets `trainer.last_save_seconds` (what a stop on a signal weighs before saving).
+    """
+    start = time.perf_counter()
     accelerator = trainer.accelerator
     final = checkpoint_dir(trainer.output_dir, trainer.step)
     tmp = final.with_name(f".tmp-{final.name}")
@@ -133,6 +138,7 @@ def save(trainer: Trainer) -> Path:
         for old in sorted(checkpoints(trainer.output_dir))[:-trainer.config.keep_checkpoints]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
+    trainer.last_save_seconds = time.perf_counter() - start
     return final
 
 

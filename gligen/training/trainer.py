@@ -70,8 +70,11 @@ class Trainer:
         if launched > 1 and self.accelerator.num_processes == 1:
             raise UserError(f"{launched} processes were launched but did not join (each would train alone and "
                             "write the same checkpoints); check the accelerate launch configuration")
-        if self.accelerator.distributed_type == DistributedType.FSDP and config.ema_decay:
-            raise UserError("config key ema_decay: EMA is not supported under FSDP yet (use DDP or DeepSpeed)")
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            unsupported = [key for key, value in (("ema_decay", config.ema_decay), ("model.inpaint", config.model.inpaint),
+                           ("model.feature_type", config.model.feature_type == "text-image-box")) if value]
+            if unsupported:  # each reads adapter tensors outside the wrapped forward, where FSDP keeps them sharded
+                raise UserError(f"config key {unsupported[0]}: not supported under FSDP yet (use DDP or DeepSpeed)")
         set_seed(config.seed)  # the fresh adapter's initialisation
         self.weight_dtype = WEIGHT_DTYPES.get(config.mixed_precision, torch.float32)
         self.device = self.accelerator.device
