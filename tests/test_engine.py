@@ -101,12 +101,13 @@ def test_gligen_train_runs_a_shipped_config_from_outside_the_repository(setup, t
 def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_as_an_uninterrupted_run(setup, tmp_path):
     common = ["max_steps=8", "checkpoint_every=100", "log_every=1", "ema_decay=0.9", "optim.lr_schedule=cosine",
               "optim.warmup_steps=2", "report_to=none"]
-    straight = Trainer(load_config("tiny_test", tiny_args(setup, tmp_path / "straight", *common)))
-    straight.train()
 
-    command = ["train.py", "--config", "configs/tiny_test.yaml", *tiny_args(setup, tmp_path / "stopped", *common)]
+    def command(out):
+        return ["train.py", "--config", "configs/tiny_test.yaml", *tiny_args(setup, tmp_path / out, *common)]
+
+    straight = run_command(*command("straight"))  # the uninterrupted run, alongside
     metrics = tmp_path / "stopped" / "logs" / "metrics.jsonl"
-    first = run_command(*command)
+    first = run_command(*command("stopped"))
     deadline = time.monotonic() + 900
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3) and first.poll() is None:
         assert time.monotonic() < deadline, "the run logged no 3 steps in time"
@@ -119,10 +120,12 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_as_an_uninterrupted_run(s
     stopped_at = int(saved.name.split("-")[1])
     assert 3 <= stopped_at < 8 and not (tmp_path / "stopped" / "adapter").exists()
 
-    rerun = run_command(*command)
+    rerun = run_command(*command("stopped"))
     _, stderr = rerun.communicate(timeout=900)
     assert rerun.returncode == 0, stderr[-2000:]
     assert f"resumed from {saved} at step {stopped_at}" in stderr
+    _, stderr = straight.communicate(timeout=900)
+    assert straight.returncode == 0, stderr[-2000:]
     for name in ("adapter", "checkpoints/checkpoint-00000008/trained_adapter"):
         expected = load_file(str(tmp_path / "straight" / name / "adapter.safetensors"))
         got = load_file(str(tmp_path / "stopped" / name / "adapter.safetensors"))

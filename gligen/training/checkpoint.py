@@ -8,8 +8,8 @@
         training_state_R.safetensors      the step generator, the EMA weights
 
 R is each process's rank. accelerate writes what it wraps, which is the adapter alone (see
-`model.GroundedUNet`): under FSDP its sharded model and optimizer files, under DeepSpeed its
-engine's files, in place of `optimizer.bin`. A checkpoint is written into a hidden `.tmp-`
+`model.GroundedUNet`); under FSDP and DeepSpeed (not yet run: they need GPUs) accelerate writes
+their own files of it and its optimizer in place of `optimizer.bin`. A checkpoint is written into a hidden `.tmp-`
 directory renamed when complete, so an interrupted save leaves the previous one as the latest.
 """
 
