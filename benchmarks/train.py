@@ -7,7 +7,8 @@ On CUDA: SD-1.4 shapes (UNet 320-640-1280-1280, CLIP ViT-L/14 text encoder, SD V
 latents and text embeddings computed each step or read from the trainer's encoding cache
 (`cache_dir`), 30 entities per image. Each step is the trainer's own: VAE encode (or cache
 read), text and phrase encoding, UNet + adapter forward and backward, AdamW update; img/s is
-the batch over the median step time. Without CUDA it runs the tiny test components at 32x32
+the batch over the median step time (CPU: also the process's CPU seconds per step, which
+other jobs on the machine change less than wall time). Without CUDA it runs the tiny test components at 32x32
 (batch 2 and 4), so that the script is checked on a CPU and CPU step times can be compared.
 """
 
@@ -80,11 +81,11 @@ def measure(base_fn, batch_size: int, checkpointing: bool, cached: bool, resolut
         batch = synthetic_batch(batch_size, resolution, config.data.max_entities)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        times = []
+        times, cpu_times = [], []
         for step in range(steps + 2):  # two warm-up steps (the first fills the cache)
             if cuda:
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             loss = trainer.loss(batch)
             trainer.accelerator.backward(loss)
             trainer.optimizer.step()
@@ -93,10 +94,11 @@ def measure(base_fn, batch_size: int, checkpointing: bool, cached: bool, resolut
                 torch.cuda.synchronize()
             if step >= 2:
                 times.append(time.perf_counter() - start)
+                cpu_times.append(time.process_time() - cpu_start)
         median = statistics.median(times)
         result = {"batch_size": batch_size, "gradient_checkpointing": checkpointing, "cached_encodings": cached,
                   "resolution": resolution, "images_per_s": round(batch_size / median, 2), "s_per_step": round(median, 4),
-                  "s_per_step_min": round(min(times), 4)}
+                  "s_per_step_min": round(min(times), 4), "cpu_s_per_step": round(statistics.median(cpu_times), 4)}
         if cuda:
             result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         del trainer
@@ -109,9 +111,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write the results here as JSON too")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per setting")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", help="default: 8 32 on CUDA, 2 4 on a CPU")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     base_fn, resolution, batches = (sd14_base, 512, (8, 32)) if cuda else (tiny_base, 32, (2, 4))
+    batches = args.batch_sizes or batches
     results = []
     for batch_size in batches:
         for checkpointing in (False, True):

@@ -198,4 +198,5 @@ def stop_now(trainer: Trainer, signum: int) -> None:
     quick = trainer.last_save_seconds is None or trainer.last_save_seconds <= QUICK_SAVE_SECONDS
     if trainer.step and quick and not checkpoint.checkpoint_dir(trainer.output_dir, trainer.step).is_dir():
         checkpoint.save(trainer)
+    trainer.accelerator.end_training()  # the trackers write what they hold
     raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
