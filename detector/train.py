@@ -124,6 +124,7 @@ class CocoDetection:
 
 
 def _read_json(path: Path) -> dict:
+    require(path.is_file(), f"{path}: annotations file not found")
     data = read_json(path)
     require(isinstance(data, dict), f"{path}: expected a COCO instances object")
     return data

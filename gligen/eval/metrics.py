@@ -61,20 +61,8 @@ def check_ground_truth(gt: Any, where: str) -> dict[str, Any]:
     """
     for key in ("images", "annotations", "categories"):
         json_list(gt, key, where)
-    image_ids: set[int] = set()
-    for i, image in enumerate(gt["images"]):
-        at = f"{where}: images[{i}]"
-        image_id = check_id(image, "id", at)
-        check_size(image, at)
-        unique(image_id, image_ids, "image id", at)
-        image_ids.add(image_id)
-    category_ids: set[int] = set()
-    for i, category in enumerate(gt["categories"]):
-        at = f"{where}: categories[{i}]"
-        category_id = check_id(category, "id", at)
-        check_name(category, at)
-        unique(category_id, category_ids, "category id", at)
-        category_ids.add(category_id)
+    image_ids = _unique_ids(gt["images"], f"{where}: images", "image id", check_size)
+    category_ids = _unique_ids(gt["categories"], f"{where}: categories", "category id", check_name)
     annotation_ids: set[int] = set()
     for i, ann in enumerate(gt["annotations"]):
         at = f"{where}: annotations[{i}]"
@@ -93,6 +81,18 @@ def check_ground_truth(gt: Any, where: str) -> dict[str, Any]:
         if ann["iscrowd"] not in (0, 1):
             raise UserError(f"{at}: 'iscrowd' must be 0 or 1, got {ann['iscrowd']!r}")
     return gt
+
+
+def _unique_ids(records: list, where: str, what: str, check: Any) -> set[int]:
+    """The ids of `records`, each an integer seen once; `check(record, where)` validates the rest."""
+    ids: set[int] = set()
+    for i, record in enumerate(records):
+        at = f"{where}[{i}]"
+        record_id = check_id(record, "id", at)
+        check(record, at)
+        unique(record_id, ids, what, at)
+        ids.add(record_id)
+    return ids
 
 
 def check_detections(detections: Any, gt: dict[str, Any], where: str) -> list[dict[str, Any]]:
