@@ -204,6 +204,8 @@ class ShardWriter:
     def _abort(self, error: BaseException) -> None:
         """Forget the open shard; the manifest still names the last complete one."""
         if self._tar is not None:
+            with contextlib.suppress(OSError, ValueError):  # the disk may still be full: the file goes anyway
+                self._tar.close()
             self._tar = None
             self._shard.__exit__(type(error), error, error.__traceback__)  # deletes the temporary file
 
