@@ -11,10 +11,11 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from gligen.commands import Command, fraction, number, positive_int, run_commands
 from gligen.devices import DTYPES, parse_device, parse_dtype
 from gligen.draw import draw_boxes
-from gligen.errors import Command, require, run_commands
-from gligen.files import save_image, write_json
+from gligen.errors import require
+from gligen.files import Output, OutputFile, save_image, write_json
 
 DEFAULT_MODEL = "IDEA-Research/grounding-dino-tiny"
 
@@ -24,6 +25,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="HF Grounding DINO directory or hub id")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+
+
+def add_output_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """--out (a JSON file) and --overlay (a directory of PNGs): shared by detect, verify and label."""
+    parser.add_argument("--out", type=OutputFile, help=f"write {what} as JSON here (default: print it)")
+    parser.add_argument("--overlay", type=Output, help="write one PNG per image with the boxes into this directory")
+
+
+def add_threshold_args(parser: argparse.ArgumentParser) -> None:
+    """--box-threshold and --text-threshold, both in [0, 1]."""
+    parser.add_argument("--box-threshold", type=fraction, default=0.35, help="detection score threshold")
+    parser.add_argument("--text-threshold", type=fraction, default=0.25, help="phrase token threshold")
 
 
 def load_from_args(args: argparse.Namespace):
@@ -76,13 +89,12 @@ def register_detect(subparsers) -> None:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--phrases", nargs="*", required=True, help="phrases to detect (each one argument)")
     add_model_args(p)
-    p.add_argument("--out", help="write the detections as JSON here (default: print them)")
-    p.add_argument("--overlay", help="write one PNG per image with labelled boxes into this directory")
-    p.add_argument("--box-threshold", type=float, default=0.35)
-    p.add_argument("--text-threshold", type=float, default=0.25)
+    add_output_args(p, "the detections")
+    add_threshold_args(p)
     p.add_argument("--phrase-score", choices=["max", "mean"], default="max")
-    p.add_argument("--nms-iou", type=float, default=0.5, help="per-phrase NMS IoU; a negative value turns NMS off")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--nms-iou", type=number(float, high=1), default=0.5,
+                   help="per-phrase NMS IoU; a negative value turns NMS off")
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.set_defaults(func=_detect_command)
 
 
@@ -95,16 +107,19 @@ def _detect_command(args: argparse.Namespace) -> None:
 def run_convert(args: argparse.Namespace) -> None:
     from detector.model import convert_official
 
-    out = convert_official(args.src, args.out, config=args.config, tokenizer=args.tokenizer)
+    out = convert_official(args.src, args.out, config=args.config, tokenizer=args.tokenizer,
+                           trust_pickle=args.trust_pickle)
     print(f"wrote {out}")
 
 
 def register_convert(subparsers) -> None:
     p = subparsers.add_parser("convert")
     p.add_argument("src", help="official checkpoint, e.g. groundingdino_swint_ogc.pth")
-    p.add_argument("--out", required=True, help="new directory for the HF checkpoint")
+    p.add_argument("--out", required=True, type=Output, help="new directory for the HF checkpoint")
     p.add_argument("--config", help="config.json or HF directory (default: the matching official release)")
     p.add_argument("--tokenizer", default="bert-base-uncased", help="BERT tokenizer directory or hub id")
+    p.add_argument("--trust-pickle", action="store_true", help="let the checkpoint's pickle run code: only for "
+                   "files that cannot be read otherwise, and only if you trust them")
     p.set_defaults(func=run_convert)
 
 

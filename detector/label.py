@@ -198,16 +198,14 @@ def _layout(
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `detector label` to the `detector` command."""
-    from detector.cli import add_model_args  # here: detector.cli imports this module
+    from detector.cli import add_model_args, add_output_args, add_threshold_args  # here: detector.cli imports this module
 
     parser = subparsers.add_parser("label")
     parser.add_argument("image", help="image file")
     parser.add_argument("--caption", required=True, help="caption whose noun phrases are located")
     add_model_args(parser)
-    parser.add_argument("--out", help="write the layout JSON here (default: print it)")
-    parser.add_argument("--overlay", help="write a PNG with the labelled boxes into this directory")
-    parser.add_argument("--box-threshold", type=float, default=0.35)
-    parser.add_argument("--text-threshold", type=float, default=0.25)
+    add_output_args(parser, "the layout")
+    add_threshold_args(parser)
     parser.set_defaults(func=_run)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -37,7 +36,8 @@ from transformers.models.grounding_dino import GroundingDinoImageProcessorPil
 from detector.preprocess import ImageSettings
 from gligen.bundled import resolve_model
 from gligen.errors import UserError
-from gligen.safe_pickle import inert_objects, load_checkpoint
+from gligen.files import atomic_directory
+from gligen.safe_pickle import Inert, inert_objects, load_checkpoint
 
 MODEL_CLASSES = {
     "grounding-dino": GroundingDinoForObjectDetection,
@@ -209,19 +209,24 @@ def official_to_hub(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     return out, unknown
 
 
-def read_official_checkpoint(src: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of an official checkpoint's `model` entry, read without running code from the file.
+def read_official_checkpoint(src: str | os.PathLike, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of an official checkpoint's `model` entry, read without running code from the file
+    (unless `trust_pickle`).
 
     Objects other than tensors and plain containers (say, the training arguments beside the
     weights) stay inert records (`gligen.safe_pickle`); one inside the state dict is an error.
     """
-    obj = load_checkpoint(src)
+    obj = load_checkpoint(src, trust_pickle)
+    if isinstance(obj, Inert):
+        raise UserError(f"{src}: the file is a pickled {obj.qualname} object that needs its code to load; "
+                        "not loaded (--trust-pickle only if you trust the file)")
     nested = isinstance(obj, dict) and "model" in obj  # else a bare state dict
     state, prefix = (obj["model"], "model/") if nested else (obj, "")
     if not isinstance(state, dict):
         raise UserError(f"{src}: has no state dict under a 'model' key, so it is no detector checkpoint")
     for where, inert in inert_objects(state):
-        raise UserError(f"{src}: {prefix}{where} is a {inert.qualname}, which only code could rebuild; not loaded")
+        raise UserError(f"{src}: {prefix}{where} is a {inert.qualname}, which only code could rebuild; "
+                        "not loaded (--trust-pickle only if you trust the file)")
     bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
     if bad is not None:
         raise UserError(f"{src}: {prefix}{bad} is no tensor, so this is no detector checkpoint")
@@ -263,17 +268,19 @@ def convert_official(
     config: GroundingDinoConfig | str | os.PathLike | None = None,
     tokenizer: str = "bert-base-uncased",
     warn: Callable[[str], None] = print,
+    trust_pickle: bool = False,
 ) -> Path:
     """Convert an official GroundingDINO checkpoint into an HF directory `out_dir` (written atomically).
 
     `config`: a `GroundingDinoConfig`, a config.json / checkpoint directory, or None for the
     official release that matches the backbone. `tokenizer`: where the BERT tokenizer comes
-    from (a directory or hub id). Keys no rule knows are reported through `warn`.
+    from (a directory or hub id). Keys no rule knows are reported through `warn`. `trust_pickle`
+    lets the checkpoint's pickle run code (only for a file you trust that cannot be read otherwise).
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError(f"{out_dir}: exists and is not empty; choose a new --out")
-    state = read_official_checkpoint(src)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"{out_dir}: already exists and is not empty; choose another --out")
+    state = read_official_checkpoint(src, trust_pickle)
     if config is None:
         config = release_config(state)
     elif not isinstance(config, GroundingDinoConfig):
@@ -288,17 +295,11 @@ def convert_official(
     hub_state, unknown = official_to_hub(state)
     if unknown:
         warn(f"warning: {len(unknown)} checkpoint entries not converted (first: {unknown[0]})")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
-        raw, final = Path(tmp) / "raw", Path(tmp) / "final"
-        raw.mkdir()
+    with tempfile.TemporaryDirectory() as raw, atomic_directory(out_dir) as final:
         config.save_pretrained(raw)
-        save_file(hub_state, raw / "model.safetensors", metadata={"format": "pt"})
-        model = _load_checked(raw)
+        save_file(hub_state, Path(raw) / "model.safetensors", metadata={"format": "pt"})
+        model = _load_checked(Path(raw))
         model.save_pretrained(final)
         processor = GroundingDinoProcessor(image_processor=GroundingDinoImageProcessorPil(), tokenizer=text_tokenizer)
         processor.save_pretrained(final)
-        if out_dir.exists():
-            out_dir.rmdir()
-        shutil.move(str(final), out_dir)
     return out_dir

@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -38,8 +37,10 @@ from transformers.models.grounding_dino import GroundingDinoImageProcessorPil
 from detector.model import load_detector
 from detector.preprocess import ImageSettings, preprocess
 from detector.prompt import MAX_TEXT_TOKENS, build_caption, normalize_phrase
-from gligen.errors import UserError, require
-from gligen.files import open_image, write_json
+from gligen.commands import number, positive_int, seed
+from gligen.errors import require
+from gligen.eval.annotations import check_bbox, check_size
+from gligen.files import Output, atomic_directory, open_image, read_json, write_json
 
 BACKBONE_LR_SCALE = 0.1  # DETR / GroundingDINO fine-tuning: pretrained image and text backbones learn 10x slower
 WEIGHT_DECAY = 1e-4
@@ -94,23 +95,29 @@ class CocoDetection:
             require(isinstance(name, str) and bool(name.strip()), f"{where}: category {i} has no 'name'")
             # '.' and '?' are the caption's phrase separators for transformers' loss
             require(not set(name) & {".", "?"}, f"{where}: category {i} ({name!r}) contains '.' or '?'")
+            require(isinstance(category.get("id"), (int, str)), f"{where}: category {i}: 'id' must be an integer")
             category_index[category.get("id")] = len(self.names)
             self.names.append(normalize_phrase(name))
         images = {}
         for i, image in enumerate(data["images"]):
             fields = {k: image.get(k) if isinstance(image, dict) else None for k in ("id", "file_name", "width", "height")}
             require(None not in fields.values(), f"{where}: image {i} needs 'id', 'file_name', 'width' and 'height'")
+            require(isinstance(fields["file_name"], str), f"{where}: image {i}: 'file_name' must be a string")
+            check_size(image, f"{where}: image {i}")
+            require(isinstance(fields["id"], (int, str)), f"{where}: image {i}: 'id' must be an integer")
             images[fields["id"]] = fields
         boxes: dict[Any, list[tuple[list[float], int]]] = {}
         for i, ann in enumerate(data["annotations"]):
             require(isinstance(ann, dict), f"{where}: annotation {i} is not an object")
             if ann.get("iscrowd", 0):
                 continue
-            require(ann.get("image_id") in images, f"{where}: annotation {i} has an unknown image_id {ann.get('image_id')!r}")
-            require(ann.get("category_id") in category_index, f"{where}: annotation {i} has an unknown category_id {ann.get('category_id')!r}")
-            bbox = ann.get("bbox")
-            valid = isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
-            require(valid and bbox[2] > 0 and bbox[3] > 0, f"{where}: annotation {i} needs 'bbox' [x, y, w, h] with w, h > 0")
+            image_id, category_id = ann.get("image_id"), ann.get("category_id")
+            require(isinstance(image_id, (int, str)) and image_id in images,
+                    f"{where}: annotation {i} has an unknown image_id {image_id!r}")
+            require(isinstance(category_id, (int, str)) and category_id in category_index,
+                    f"{where}: annotation {i} has an unknown category_id {category_id!r}")
+            bbox = check_bbox(ann.get("bbox"), f"{where}: annotation {i}")
+            require(bbox[2] > 0 and bbox[3] > 0, f"{where}: annotation {i} needs 'bbox' [x, y, w, h] with w, h > 0")
             boxes.setdefault(ann["image_id"], []).append((bbox, category_index[ann["category_id"]]))
         self.items = [_coco_image(images_dir, images[i], anns) for i, anns in boxes.items()]
         require(bool(self.items), f"{where}: no image has a (non-crowd) box to train on")
@@ -118,10 +125,7 @@ class CocoDetection:
 
 def _read_json(path: Path) -> dict:
     require(path.is_file(), f"{path}: annotations file not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path} line {error.lineno}: invalid JSON: {error.msg}") from None
+    data = read_json(path)
     require(isinstance(data, dict), f"{path}: expected a COCO instances object")
     return data
 
@@ -242,16 +246,13 @@ State = tuple[dict[str, torch.Tensor], dict[str, Any]]  # tensors for safetensor
 
 def save_detector(path: Path, model, processor, training_state: State | None = None) -> None:
     """Write an HF detector directory (+ training state) at `path`, atomically as a whole."""
-    tmp = path.parent / f".{path.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)  # safetensors
-    processor.save_pretrained(tmp)
-    if training_state is not None:
-        tensors, meta = training_state
-        save_file(tensors, tmp / "training_state.safetensors")
-        write_json(tmp / "training_state.json", meta)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    with atomic_directory(path, replace=True) as tmp:
+        model.save_pretrained(tmp)  # safetensors
+        processor.save_pretrained(tmp)
+        if training_state is not None:
+            tensors, meta = training_state
+            save_file(tensors, tmp / "training_state.safetensors")
+            write_json(tmp / "training_state.json", meta)
 
 
 def training_state(step: int, optimizer, scheduler, scaler=None) -> State:
@@ -390,23 +391,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--images", required=True, help="directory of the images")
     parser.add_argument("--annotations", required=True, help="COCO instances JSON (images, annotations, categories)")
     parser.add_argument("--model", required=True, help="detector to start from: HF directory or hub id")
-    parser.add_argument("--out", required=True, help="run directory: checkpoint-STEP/ and model/")
-    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
-    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="images per step and process")
-    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="AdamW learning rate")
+    parser.add_argument("--out", required=True, type=Output, help="run directory: checkpoint-STEP/ and model/")
+    parser.add_argument("--steps", type=positive_int, default=TrainConfig.steps)
+    parser.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size,
+                        help="images per step and process")
+    parser.add_argument("--lr", type=number(float, 0, low_open=True), default=TrainConfig.lr, help="AdamW learning rate")
     parser.add_argument(
-        "--backbone-lr-scale", type=float, default=TrainConfig.backbone_lr_scale,
+        "--backbone-lr-scale", type=number(float, 0), default=TrainConfig.backbone_lr_scale,
         help="the image and text backbones learn at lr times this (1 for backbones trained from scratch)",
     )
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=TrainConfig.mixed_precision)
-    parser.add_argument("--save-every", type=int, default=TrainConfig.save_every, help="checkpoint every N steps")
+    parser.add_argument("--save-every", type=positive_int, default=TrainConfig.save_every,
+                        help="checkpoint every N steps")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--seed", type=seed, default=TrainConfig.seed)
     parser.add_argument(
-        "--image-size", type=int, default=TrainConfig.image_size,
+        "--image-size", type=positive_int, default=TrainConfig.image_size,
         help="shortest image side (longest at most size * 1333 / 800); smaller for small data sets",
     )
-    parser.add_argument("--workers", type=int, default=TrainConfig.workers, help="image loading processes")
+    parser.add_argument("--workers", type=number(int, 0), default=TrainConfig.workers, help="image loading processes")
     parser.set_defaults(func=_run)
 
 

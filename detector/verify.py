@@ -191,17 +191,17 @@ def overlay(image: Image.Image, verification: Verification) -> Image.Image:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `detector verify` to the `detector` command."""
-    from detector.cli import add_model_args  # here: detector.cli imports this module
+    from detector.cli import add_model_args, add_output_args, add_threshold_args  # here: detector.cli imports this module
+    from gligen.commands import number
 
     parser = subparsers.add_parser("verify")
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--layout", required=True, help="layout .json/.jsonl: one layout for all images, or one per image")
     add_model_args(parser)
-    parser.add_argument("--out", help="write the verification as JSON here (default: print it)")
-    parser.add_argument("--overlay", help="write one PNG per image with layout and detected boxes into this directory")
-    parser.add_argument("--iou-threshold", type=float, default=0.5)
-    parser.add_argument("--box-threshold", type=float, default=0.35)
-    parser.add_argument("--text-threshold", type=float, default=0.25)
+    add_output_args(parser, "the verification")
+    parser.add_argument("--iou-threshold", type=number(float, 0, 1, low_open=True), default=0.5,
+                        help="IoU for an entity to pass")
+    add_threshold_args(parser)
     parser.set_defaults(func=_run)
 
 

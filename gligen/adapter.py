@@ -11,10 +11,10 @@ diffusers or converted official release is a plain subset of its UNet state dict
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gligen.errors import UserError
-from gligen.files import atomic_path, write_json
+from gligen.files import atomic_path, read_json, write_json
 from gligen.fuser import GatedSelfAttention, attach_fusers, block_shape, detach_fusers, transformer_blocks
 from gligen.grounding import GroundingInputs, TextBoxPositionNet, TextImageBoxPositionNet
 
@@ -58,6 +58,45 @@ class AdapterConfig:
         if self.feature_type not in FEATURE_TYPES:
             raise UserError(f"adapter feature_type must be one of {FEATURE_TYPES}, got {self.feature_type!r}")
         self.blocks = {path: tuple(shape) for path, shape in self.blocks.items()}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "adapter config") -> AdapterConfig:
+        """Validate a parsed `adapter_config.json`; a UserError names `where` and the key at fault."""
+        if not isinstance(data, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        data = {k: v for k, v in data.items() if k != "extra"}  # a key, never used, that older adapter configs carry
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        if "blocks" not in data:
+            raise UserError(f"{where}: missing key 'blocks'")
+        blocks = data["blocks"]
+        if not isinstance(blocks, dict) or not blocks:
+            raise UserError(f"{where}: 'blocks' must be an object of block path -> [dim, heads, head_dim]")
+        for path, shape in blocks.items():
+            if not (isinstance(shape, list) and len(shape) == 3 and all(_positive(v) for v in shape)):
+                raise UserError(f"{where}: 'blocks' -> {path!r} must be 3 positive integers [dim, heads, head_dim], "
+                                f"got {shape!r}"[:300])
+        if "feature_type" in data and data["feature_type"] not in FEATURE_TYPES:
+            raise UserError(f"{where}: 'feature_type' must be one of {', '.join(FEATURE_TYPES)}, "
+                            f"got {data['feature_type']!r}"[:300])
+        for key in ("positive_len", "cross_attention_dim", "fourier_freqs", "max_entities"):
+            if key in data and not _positive(data[key]):
+                raise UserError(f"{where}: '{key}' must be a positive integer, got {data[key]!r}"[:300])
+        checks = {
+            "image_embed_dim": (lambda v: v is None or _positive(v), "a positive integer or null"),
+            "extra_in_channels": (lambda v: _positive(v) or v == 0 and not isinstance(v, bool), "0 or a positive integer"),
+            "base_model": (lambda v: v is None or isinstance(v, str), "a string or null"),
+        }
+        for key, (valid, wanted) in checks.items():
+            if key in data and not valid(data[key]):
+                raise UserError(f"{where}: '{key}' must be {wanted}, got {data[key]!r}"[:300])
+        return cls(**data)
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def check_tensors(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], where: str) -> None:
@@ -231,12 +270,7 @@ class GroundingAdapter(nn.Module):
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         if not config_path.is_file() or not weights_path.is_file():
             raise UserError(f"{directory}: not an adapter directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        try:
-            fields = json.loads(config_path.read_text())
-            fields.pop("extra", None)  # a key, never used, that older adapter configs carry
-            config = AdapterConfig(**fields)
-        except (json.JSONDecodeError, TypeError, AttributeError) as error:
-            raise UserError(f"{config_path}: not a valid adapter config ({error})") from None
+        config = AdapterConfig.from_dict(read_json(config_path), str(config_path))
         try:
             state = load_file(str(weights_path))
         except (SafetensorError, OSError) as error:

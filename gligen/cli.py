@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from gligen.errors import Command, run_commands
+from gligen.commands import Command, run_commands
 
 COMMANDS = [
     Command("generate", "generate images from box layouts", "gligen.generate:register"),
@@ -17,7 +17,7 @@ COMMANDS = [
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The exit status: 0, 1 for a user error; argparse exits with 2 itself on a usage error."""
+    """The exit status: 0; 1 for a user error or a fault; 2 for a usage error; 130 / 143 when interrupted."""
     return run_commands("gligen", __doc__, COMMANDS, argv)
 
 

@@ -9,7 +9,6 @@ Two sources:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import gzip
 import json
@@ -18,7 +17,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -43,7 +42,7 @@ from transformers import (
 
 from gligen.adapter import GroundingAdapter, check_tensors
 from gligen.errors import UserError
-from gligen.files import write_json
+from gligen.files import Output, atomic_directory, write_json
 from gligen.fuser import detach_fusers
 from gligen.safe_pickle import Inert, inert_objects, load_checkpoint
 
@@ -304,23 +303,6 @@ def clip_image_side(clip: str) -> tuple[nn.Linear, CLIPVisionModelWithProjection
     return projection, encoder.eval(), processor
 
 
-@contextlib.contextmanager
-def output_directory(out: Path) -> Iterator[Path]:
-    """A fresh temporary directory beside `out`, renamed to `out` only when the block succeeds."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: already exists and is not empty; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
 def _save_pipeline(directory: Path, vae, text_encoder, tokenizer, unet, scheduler) -> None:
     """Write a plain diffusers StableDiffusionPipeline directory (no safety checker)."""
     StableDiffusionPipeline(
@@ -341,7 +323,7 @@ def convert_official(
     out = Path(out)
     checkpoint = read_official_checkpoint(path, trust_pickle)
     config = gligen_config(checkpoint)
-    with output_directory(out) as tmp, tqdm(total=5 if full else 2, desc="convert", unit="step") as progress:
+    with atomic_directory(out) as tmp, tqdm(total=5 if full else 2, desc="convert", unit="step") as progress:
         unet = official_unet(checkpoint, config, f"{path} [model]")
         progress.update()
         projection = encoder = processor = None
@@ -389,7 +371,7 @@ def convert_diffusers(source: str | os.PathLike, out: str | os.PathLike, full: b
     except (OSError, ValueError) as error:
         raise UserError(f"{source}: cannot load the GLIGEN UNet ({str(error).splitlines()[0]})") from None
     unet, adapter = split_gligen_unet(unet, projection)
-    with output_directory(out) as tmp:
+    with atomic_directory(out) as tmp:
         adapter.save_pretrained(tmp / "adapter")
         unet.save_pretrained(tmp / "unet")
         if full:
@@ -429,7 +411,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("source", metavar="SRC", help="official GLIGEN .bin/.pth file, or a diffusers GLIGEN "
                         "pipeline or UNet directory (attention_type gated / gated-text-image)")
-    parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    parser.add_argument("--out", required=True, type=Output, help="output directory (must not exist or be empty)")
     parser.add_argument("--full", action="store_true", help="write the whole pipeline (UNet, VAE, text encoder, "
                         "tokenizer, scheduler) so nothing else needs downloading")
     parser.add_argument("--trust-pickle", action="store_true", help="let the checkpoint's pickle run code: only "

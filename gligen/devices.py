@@ -1,19 +1,28 @@
-"""Device and dtype choices shared by every command that runs a network."""
+"""Device and dtype choices shared by every command that runs a network.
+
+torch is imported only when a device or dtype is parsed, so that commands can declare their
+options (and check their inputs) without loading it.
+"""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from gligen.errors import UserError, require
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # option value -> torch dtype name
 
 
 def parse_dtype(name: str) -> torch.dtype:
     """'fp32' | 'fp16' | 'bf16' -> torch dtype."""
+    import torch
+
     if name not in DTYPES:
         raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return getattr(torch, DTYPES[name])
 
 
 def launched_processes() -> int:
@@ -25,6 +34,8 @@ def launched_processes() -> int:
 
 def parse_device(name: str | None) -> torch.device:
     """`name` as a torch device (None: CUDA when available, else the CPU); an unusable one is a UserError."""
+    import torch
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

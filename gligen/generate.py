@@ -20,16 +20,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from gligen.commands import fraction, number, positive_int, seed
 from gligen.devices import DTYPES, parse_device, parse_dtype
 from gligen.draw import draw_boxes
-from gligen.errors import require
-from gligen.files import open_image, save_image, write_json
-from gligen.layout import MAX_ENTITIES, Entity, Layout, load_layouts
+from gligen.errors import progress, require
+from gligen.files import Output, open_image, save_image, write_json
+from gligen.layout import MAX_ENTITIES, MAX_SIDE, SEED_MAX, Entity, Layout, load_layouts
 from gligen.schedule import DEFAULT_SCHEDULE, parse_schedule, schedule_from_beta
+
+# Nothing here imports torch, diffusers or transformers at module level: the layouts are read and
+# checked first, so that a mistake in them is reported in well under a second.
 
 _NAME = re.compile(r"^[\w.-]+$")
 
@@ -52,40 +55,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--layout-from", metavar="IMAGE", help="take the layout of this image (detector)")
     parser.add_argument("--caption", help="with --layout-from: the caption whose noun phrases are located")
     parser.add_argument("--phrases", nargs="+", help="with --layout-from: the phrases to locate")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--out", required=True, type=Output, help="output directory")
+    parser.add_argument("--steps", type=positive_int, default=50, help="denoising steps (default 50)")
+    parser.add_argument("--guidance", type=number(float, 0), default=7.5,
+                        help="classifier-free guidance scale (default 7.5)")
     schedule = parser.add_mutually_exclusive_group()
-    schedule.add_argument("--beta", type=float, help="grounding for the first beta of the steps (beta,0,1-beta)")
+    schedule.add_argument("--beta", type=fraction, help="grounding for the first beta of the steps (beta,0,1-beta)")
     schedule.add_argument("--schedule", help="scheduled sampling a,b,c (default 0.3,0,0.7)")
-    parser.add_argument("--seed", type=int, help="seed for every layout (default: each layout's own)")
+    parser.add_argument("--seed", type=seed, help="seed for every layout (default: each layout's own)")
     parser.add_argument("--scheduler", help="ddim, pndm, euler, euler_a, dpmpp, lms, unipc, ... (default: the model's)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="default: fp16 on CUDA, else fp32")
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
-    parser.add_argument("--batch-size", type=int, default=1, help="layouts per batch (default 1)")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="layouts per batch (default 1)")
     parser.add_argument("--overlay", action="store_true", help="also write NAME.overlay.png with the labelled boxes")
-    parser.add_argument("--max-entities", type=int, default=MAX_ENTITIES,
+    parser.add_argument("--max-entities", type=positive_int, default=MAX_ENTITIES,
                         help=f"keep at most this many entities, the largest (default {MAX_ENTITIES})")
+    parser.add_argument("--max-side", type=positive_int, default=MAX_SIDE,
+                        help=f"refuse layouts wider or taller than this many pixels (default {MAX_SIDE})")
     parser.add_argument("--image-encoder", help="CLIP vision directory or hub id for reference images")
     parser.add_argument("--inpaint-image", help="image to repaint inside the boxes (inpainting models)")
     parser.add_argument("--attention", choices=["sdpa", "xformers"], default="sdpa")
     parser.add_argument("--verify", action="store_true", help="check each image against its layout with the detector")
-    parser.add_argument("--best-of", type=int, default=1, metavar="N",
+    parser.add_argument("--best-of", type=positive_int, default=1, metavar="N",
                         help="generate N candidates per layout (seeds seed..seed+N-1), keep the best verified one")
     parser.add_argument("--detector", help="Grounding DINO directory or hub id for --verify/--best-of/--layout-from")
-    parser.add_argument("--iou-threshold", type=float, default=0.5, help="IoU for an entity to pass verification")
+    parser.add_argument("--iou-threshold", type=number(float, 0, 1, low_open=True), default=0.5,
+                        help="IoU for an entity to pass verification")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    from gligen.pipeline import GligenPipeline
-
     schedule = _schedule(args)
     _check_numbers(args)
+    jobs = None if args.layout_from else _jobs(args.layout, args.max_side)  # before torch is even imported
+    if jobs is not None:
+        for job in jobs:
+            _check_seeds(_prepared(job.layout, args), args.best_of, job.name)
+    inpaint_image = open_image(args.inpaint_image) if args.inpaint_image else None
+    from gligen.pipeline import GligenPipeline
+
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"))
-    inpaint_image = open_image(args.inpaint_image) if args.inpaint_image else None
-    jobs = None if args.layout_from else _jobs(args.layout)  # validated before any model loads
     detector_name = _detector_name(args)
     detector = _detector(detector_name, device) if detector_name else None
     if jobs is None:
@@ -116,14 +126,16 @@ def run(args: argparse.Namespace) -> None:
     }
     call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, schedule=schedule,
                 inpaint_image=inpaint_image, max_entities=args.max_entities)
-    bar = tqdm(total=len(todo), desc="generate", unit="image")
-    for batch in _batches(todo, args.batch_size):
-        layouts = [job.layout for job in batch]
-        candidates = [_candidates(pipeline, layouts, k, call, detector, args) for k in range(args.best_of)]
-        for i, job in enumerate(batch):
-            _write(out, job, [round_[i] for round_ in candidates], args, settings)
-        bar.update(len(batch))
-    bar.close()
+    done = len(jobs) - len(todo)
+    finished = lambda: f"{done} of {len(jobs)} layouts written to {out}"  # noqa: E731
+    with progress(finished), tqdm(total=len(todo), desc="generate", unit="image") as bar:
+        for batch in _batches(todo, args.batch_size):
+            layouts = [job.layout for job in batch]
+            candidates = [_candidates(pipeline, layouts, k, call, detector, args) for k in range(args.best_of)]
+            for i, job in enumerate(batch):
+                _write(out, job, [round_[i] for round_ in candidates], args, settings)
+                done += 1
+            bar.update(len(batch))
 
 
 # --- inputs ---
@@ -136,19 +148,20 @@ def _schedule(args: argparse.Namespace):
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    require(args.steps >= 1, f"--steps must be at least 1, got {args.steps}")
-    require(args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}")
-    require(args.max_entities >= 1, f"--max-entities must be at least 1, got {args.max_entities}")
-    require(args.best_of >= 1, f"--best-of must be at least 1, got {args.best_of}")
-    require(args.seed is None or args.seed >= 0, f"--seed must be non-negative, got {args.seed}")
     require(not (args.caption or args.phrases) or args.layout_from, "--caption and --phrases go with --layout-from")
     require(not args.layout_from or bool(args.caption) != bool(args.phrases),
             "--layout-from needs either --caption or --phrases")
 
 
-def _jobs(path: str) -> list[Job]:
+def _check_seeds(layout: Layout, best_of: int, name: str) -> None:
+    """--best-of N draws seeds seed .. seed + N - 1: the last must still be a seed."""
+    require(layout.seed + best_of - 1 <= SEED_MAX,
+            f"layout {name}: seed {layout.seed} + --best-of {best_of} - 1 passes the largest seed, 2**64 - 1")
+
+
+def _jobs(path: str, max_side: int = MAX_SIDE) -> list[Job]:
     """The layouts of a file with their output names (checked: safe file names, no repeats)."""
-    layouts = load_layouts(path)
+    layouts = load_layouts(path, max_side)
     stem = Path(path).stem
     names = [
         layout.meta.get("name") or (stem if len(layouts) == 1 else f"{stem}_{i:04d}")
@@ -176,7 +189,7 @@ def _detector_name(args: argparse.Namespace) -> str | None:
     return (args.detector or DEFAULT_MODEL) if needed else None
 
 
-def _detector(name: str, device: torch.device):
+def _detector(name: str, device):
     from detector.detect import OpenSetDetector
 
     return OpenSetDetector.from_pretrained(name, device=device)

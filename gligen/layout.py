@@ -27,6 +27,8 @@ Box = tuple[float, float, float, float]
 Span = tuple[int, int]
 
 MAX_ENTITIES = 30  # the released GLIGEN models were trained with at most 30 grounding tokens
+MAX_SIDE = 4096  # default limit on a layout's width and height, in pixels (`--max-side`)
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 
 _LAYOUT_KEYS = {"prompt", "negative_prompt", "width", "height", "seed", "entities", "box_units"}
 
@@ -112,113 +114,180 @@ class Layout:
         return out
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "layout", base_dir: str | os.PathLike | None = None) -> Layout:
+    def from_dict(cls, data: Any, where: str = "layout", base_dir: str | os.PathLike | None = None,
+                  max_side: int = MAX_SIDE) -> Layout:
         """Validate and build a layout. `where` prefixes every error message (file and line).
 
-        Relative reference image paths are resolved against `base_dir` and must exist.
+        Relative reference image paths are resolved against `base_dir` and must exist; width and
+        height above `max_side` pixels are refused.
         """
         if not isinstance(data, dict):
-            raise LayoutError(f"{where}: expected a JSON object, got {type(data).__name__}")
-        prompt = data.get("prompt", "")
-        if not isinstance(prompt, str):
-            raise LayoutError(f"{where}: 'prompt' must be a string")
-        negative = data.get("negative_prompt", "") or ""
-        if not isinstance(negative, str):
-            raise LayoutError(f"{where}: 'negative_prompt' must be a string")
-        width = _positive_int(data, "width", 512, where)
-        height = _positive_int(data, "height", 512, where)
+            raise LayoutError(f"{where}: expected a JSON object, got {_json_type(data)}")
+        prompt = _string(data, "prompt", where)
+        negative = _string(data, "negative_prompt", where)
+        width = _side(data, "width", where, max_side)
+        height = _side(data, "height", where, max_side)
         seed = data.get("seed", 0)
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise LayoutError(f"{where}: 'seed' must be a non-negative integer, got {seed!r}")
+        if not _is_int(seed) or not 0 <= seed <= SEED_MAX:
+            raise LayoutError(f"{where}: 'seed' must be an integer in [0, 2**64 - 1], got {_short(seed)}")
         units = data.get("box_units", "normalized")
         if units not in ("normalized", "pixels"):
-            raise LayoutError(f"{where}: 'box_units' must be 'normalized' or 'pixels', got {units!r}")
+            raise LayoutError(f"{where}: 'box_units' must be 'normalized' or 'pixels', got {_short(units)}")
         raw_entities = data.get("entities", [])
         if not isinstance(raw_entities, list):
-            raise LayoutError(f"{where}: 'entities' must be a list")
+            raise LayoutError(f"{where}: 'entities' must be a list, got {_json_type(raw_entities)}")
         scale = (width, height, width, height) if units == "pixels" else (1, 1, 1, 1)
         entities = tuple(
-            _entity(raw, f"{where}: entity {i}", scale, base_dir) for i, raw in enumerate(raw_entities)
+            _entity(raw, f"{where}: entity {i}", scale, base_dir, prompt) for i, raw in enumerate(raw_entities)
         )
+        if units == "pixels" and entities and all(
+            (x1 - x0) * width < 1 and (y1 - y0) * height < 1 for x0, y0, x1, y1 in (e.box for e in entities)
+        ):
+            warnings.warn(f"{where}: every box is smaller than 1 pixel although 'box_units' is 'pixels'; "
+                          "are these normalized numbers? (then drop 'box_units')", stacklevel=2)
         meta = {k: v for k, v in data.items() if k not in _LAYOUT_KEYS}
         return cls(prompt, entities, negative, width, height, seed, meta)
 
 
-def _positive_int(data: dict, key: str, default: int, where: str) -> int:
-    value = data.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % 8:
-        raise LayoutError(f"{where}: '{key}' must be a positive multiple of 8, got {value!r}")
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """`repr(value)`, shortened: a message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> float | None:
+    """`value` as a finite float, or None when it is no number (bools are none), NaN, infinite or too large."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _string(data: dict, key: str, where: str) -> str:
+    value = data.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise LayoutError(f"{where}: '{key}' must be a string, got {_json_type(value)}")
     return value
 
 
-def _entity(raw: Any, where: str, scale: tuple, base_dir: str | os.PathLike | None) -> Entity:
+def _side(data: dict, key: str, where: str, max_side: int) -> int:
+    value = data.get(key, 512)
+    if not _is_int(value) or value <= 0 or value % 8:
+        raise LayoutError(f"{where}: '{key}' must be a positive multiple of 8, got {_short(value)}")
+    if value > max_side:
+        raise LayoutError(f"{where}: '{key}' is {value} pixels, above the limit of {max_side} (--max-side)")
+    return value
+
+
+def _entity(raw: Any, where: str, scale: tuple, base_dir: str | os.PathLike | None, text: str | None) -> Entity:
     if not isinstance(raw, dict):
-        raise LayoutError(f"{where}: expected an object with 'phrase' and 'box'")
+        raise LayoutError(f"{where}: expected an object with 'phrase' and 'box', got {_json_type(raw)}")
     phrase = raw.get("phrase")
-    if not isinstance(phrase, str) or not phrase.strip():
+    if phrase is None:
+        raise LayoutError(f"{where}: 'phrase' is missing")
+    if not isinstance(phrase, str):
+        raise LayoutError(f"{where}: 'phrase' must be a string, got {_json_type(phrase)}")
+    if not phrase.strip():
         raise LayoutError(f"{where}: empty phrase")
-    where = f"{where} ({phrase!r})"
+    where = f"{where} ({_short(phrase.strip())})"
     box = raw.get("box")
     if not isinstance(box, (list, tuple)) or len(box) != 4:
-        raise LayoutError(f"{where}: 'box' must be 4 numbers [x0, y0, x1, y1]")
+        raise LayoutError(f"{where}: 'box' must be 4 numbers [x0, y0, x1, y1], got {_short(box)}")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
-        raise LayoutError(f"{where}: box {box} has a value that is not a number")
-    if not all(math.isfinite(v) for v in box):
-        raise LayoutError(f"{where}: box {box} has a NaN or infinite value")
-    x0, y0, x1, y1 = (float(v) / s for v, s in zip(box, scale))
+        raise LayoutError(f"{where}: box {_short(box)} has a value that is not a number")
+    numbers = [_finite(v) for v in box]
+    if None in numbers:
+        raise LayoutError(f"{where}: box {_short(box)} has a NaN, infinite or huge value")
+    x0, y0, x1, y1 = (v / s for v, s in zip(numbers, scale))
     if not all(0.0 <= v <= 1.0 for v in (x0, y0, x1, y1)):
-        raise LayoutError(f"{where}: box {box} has coordinates outside the image ([0, 1] normalized)")
+        raise LayoutError(f"{where}: box {_short(box)} has coordinates outside the image ([0, 1] normalized)")
     if x1 <= x0:
-        raise LayoutError(f"{where}: box {box} has x1 <= x0")
+        raise LayoutError(f"{where}: box {_short(box)} has x1 <= x0")
     if y1 <= y0:
-        raise LayoutError(f"{where}: box {box} has y1 <= y0")
+        raise LayoutError(f"{where}: box {_short(box)} has y1 <= y0")
     image = raw.get("image")
     if image is not None:
-        if not isinstance(image, str):
-            raise LayoutError(f"{where}: 'image' must be a path")
+        if not isinstance(image, str) or not image or "\0" in image:
+            raise LayoutError(f"{where}: 'image' must be a path, got {_short(image)}")
         path = Path(base_dir or ".") / image
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except (OSError, ValueError):
+            found = False
+        if not found:
             raise LayoutError(f"{where}: reference image not found: {path}")
         image = str(path)
-    spans = raw.get("tokens_positive")
-    if spans is not None:
-        try:
-            spans = tuple((int(a), int(b)) for a, b in spans)
-        except (TypeError, ValueError):
-            raise LayoutError(f"{where}: 'tokens_positive' must be a list of [start, end] pairs") from None
-    return Entity(phrase.strip(), (x0, y0, x1, y1), image, spans)
+    return Entity(phrase.strip(), (x0, y0, x1, y1), image, _spans(raw.get("tokens_positive"), where, text))
 
 
-def entity_from_dict(raw: Any, where: str = "entity") -> Entity:
-    """Validate one entity object with a normalized box (as stored in training shards)."""
-    return _entity(raw, where, (1, 1, 1, 1), None)
+def _spans(raw: Any, where: str, text: str | None) -> tuple[Span, ...] | None:
+    """`tokens_positive`: [start, end] character spans of the phrase, inside `text` when it is known."""
+    if raw is None:
+        return None
+    if not isinstance(raw, (list, tuple)) or not all(
+        isinstance(s, (list, tuple)) and len(s) == 2 and all(_is_int(v) for v in s) and 0 <= s[0] < s[1] for s in raw
+    ):
+        raise LayoutError(f"{where}: 'tokens_positive' must be a list of [start, end] integer pairs with "
+                          f"0 <= start < end, got {_short(raw)}")
+    if text is not None and any(end > len(text) for _, end in raw):
+        raise LayoutError(f"{where}: 'tokens_positive' {_short(raw)} reaches past the end of the "
+                          f"{len(text)}-character prompt")
+    return tuple((start, end) for start, end in raw)
 
 
-def load_layouts(path: str | os.PathLike) -> list[Layout]:
-    """Read layouts from a `.json` file (one layout or a list) or a `.jsonl` file (one a line)."""
+def entity_from_dict(raw: Any, where: str = "entity", text: str | None = None) -> Entity:
+    """Validate one entity object with a normalized box (as stored in training shards); spans must lie in `text`."""
+    return _entity(raw, where, (1, 1, 1, 1), None, text)
+
+
+def load_layouts(path: str | os.PathLike, max_side: int = MAX_SIDE) -> list[Layout]:
+    """Read layouts from a `.json` file (one layout or a list) or a `.jsonl` file (one a line).
+
+    A file that is empty, holds no layout, or is not UTF-8 text is an error naming it.
+    """
+    from gligen.files import read_text
+
     path = Path(path)
     if not path.is_file():
         raise LayoutError(f"{path}: layout file not found")
-    text = path.read_text()
+    text = read_text(path)
+    if not text.strip():
+        raise LayoutError(f"{path}: the file is empty; it should hold a layout (a JSON object)")
     base = path.parent
     if path.suffix == ".jsonl":
         layouts = []
         for lineno, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                layouts.append(Layout.from_dict(_parse(line, f"{path} line {lineno}"), f"{path} line {lineno}", base))
-        return layouts
-    data = _parse(text, str(path))
-    items = data if isinstance(data, list) else [data]
-    where = (lambda i: f"{path} layout {i}") if isinstance(data, list) else (lambda i: str(path))
-    return [Layout.from_dict(item, where(i), base) for i, item in enumerate(items)]
+                where = f"{path} line {lineno}"
+                layouts.append(Layout.from_dict(_parse(line, where), where, base, max_side))
+    else:
+        parsed = _parse(text, str(path))
+        items = parsed if isinstance(parsed, list) else [parsed]
+        where = (lambda i: f"{path} layout {i}") if isinstance(parsed, list) else (lambda i: str(path))
+        layouts = [Layout.from_dict(item, where(i), base, max_side) for i, item in enumerate(items)]
+    if not layouts:
+        raise LayoutError(f"{path}: holds no layouts")
+    return layouts
 
 
 def _parse(text: str, where: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        line = "" if "line " in where else f" line {error.lineno}"
-        raise LayoutError(f"{where}{line}: invalid JSON: {error.msg}") from None
+    from gligen.files import parse_json
+
+    return parse_json(text, where)
 
 
 def save_layouts(path: str | os.PathLike, layouts: Iterable[Layout]) -> None:

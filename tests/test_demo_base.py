@@ -141,7 +141,7 @@ def test_both_stages_lower_the_loss_on_a_fixed_batch(run, shards):
     assert after < 0.8 * before, (before, after)
 
 
-class Killed(Exception):
+class Killed(BaseException):  # as SIGKILL: nothing catches it, not even run_cli
     pass
 
 

@@ -107,7 +107,7 @@ def test_bad_annotations_give_one_line(tmp_path, command):
 
     path.write_text('{"images": [')
     status, stderr = cli(command, "--annotations", str(path), *extra, "--out", str(tmp_path / "out"))
-    assert status == 1 and stderr.count("\n") == 1 and f"{path}: invalid JSON" in stderr
+    assert status == 1 and stderr.count("\n") == 1 and f"{path} line 1: invalid JSON" in stderr
     assert not (tmp_path / "out").exists()
 
 

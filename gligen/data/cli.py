@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gligen.commands import fraction, positive_int, seed
 from gligen.errors import UserError
+from gligen.files import Output
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,27 +46,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pseudo.add_argument("--model", required=True, help="detector: a local directory or a hub id")
     pseudo.add_argument("--device", default="cpu")
     pseudo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    pseudo.add_argument("--box-threshold", type=float, help="detection score threshold (detector default if unset)")
-    pseudo.add_argument("--text-threshold", type=float, help="phrase token threshold (detector default if unset)")
-    pseudo.add_argument("--batch-size", type=int, default=8, help="images per detector call")
+    pseudo.add_argument("--box-threshold", type=fraction, help="detection score threshold (detector default if unset)")
+    pseudo.add_argument("--text-threshold", type=fraction, help="phrase token threshold (detector default if unset)")
+    pseudo.add_argument("--batch-size", type=positive_int, default=8, help="images per detector call")
     _shard_options(pseudo)
     pseudo.set_defaults(func=_pseudo_label)
 
     shapes = commands.add_parser("shapes", help="synthetic coloured shapes with tight boxes")
-    shapes.add_argument("--n", type=int, required=True, help="number of images (or layouts)")
-    shapes.add_argument("--size", type=int, default=64, help="image side in pixels (a multiple of 8)")
-    shapes.add_argument("--seed", type=int, default=0, help="data set seed; use another one for held-out data")
+    shapes.add_argument("--n", type=positive_int, required=True, help="number of images (or layouts)")
+    shapes.add_argument("--size", type=positive_int, default=64, help="image side in pixels (a multiple of 8)")
+    shapes.add_argument("--seed", type=seed, default=0, help="data set seed; use another one for held-out data")
     shapes.add_argument("--format", default="shards", choices=["shards", "coco", "layouts"],
                         help="shards: training shards; coco: images + instances.json + captions.json; "
                              "layouts: layouts.jsonl only")
-    shapes.add_argument("--out", required=True, help="output directory")
-    shapes.add_argument("--samples-per-shard", type=int, default=1000)
+    shapes.add_argument("--out", required=True, type=Output, help="output directory")
+    shapes.add_argument("--samples-per-shard", type=positive_int, default=1000)
     shapes.set_defaults(func=_shapes)
 
 
 def _shard_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output directory of shard-000000.tar ...")
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--out", required=True, type=Output, help="output directory of shard-000000.tar ...")
+    parser.add_argument("--samples-per-shard", type=positive_int, default=1000)
     parser.add_argument("--image-format", default="jpg", choices=["jpg", "png", "webp"],
                         help="how images are stored in the shards")
 
@@ -110,8 +112,6 @@ def _pseudo_label(args: argparse.Namespace) -> None:
 def _shapes(args: argparse.Namespace) -> None:
     from gligen.data import shapes
 
-    if args.n < 1:
-        raise UserError(f"--n must be at least 1, got {args.n}")
     if args.format == "shards":
         shapes.write_shards(args.out, args.n, args.size, args.seed, args.samples_per_shard)
     elif args.format == "coco":

@@ -9,7 +9,6 @@ the image again.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -20,18 +19,13 @@ from PIL import Image
 from gligen.data.format import Sample, SampleError, load_image, safe_key
 from gligen.data.writer import ShardWriter
 from gligen.errors import UserError
+from gligen.files import read_json
 from gligen.layout import Box, Entity
 
 
 def load_coco_json(path: str | os.PathLike, required: tuple[str, ...]) -> dict[str, Any]:
     """A COCO-style JSON file with the `required` top-level lists, or a `UserError` naming the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{path}: invalid JSON ({error})") from None
+    data = read_json(path)
     for key in required:
         if not isinstance(data, dict) or not isinstance(data.get(key), list):
             raise UserError(f"{path}: expected a COCO JSON object with a '{key}' list")

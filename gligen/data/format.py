@@ -16,10 +16,12 @@ URL, or a `pipe:` command (`pipe:aws s3 cp s3://bucket/shard-000000.tar -`).
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
 import re
+import tarfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ import webdataset as wds
 from PIL import Image
 
 from gligen.errors import UserError
+from gligen.files import check_pixels, to_rgb
 from gligen.layout import Entity, entity_from_dict
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -101,11 +104,17 @@ def encode_image(image: Image.Image, image_format: str = "jpg") -> bytes:
 
 
 def decode_image(data: bytes, where: str) -> Image.Image:
-    """Fully decode image bytes into RGB; a truncated or unreadable image raises `SampleError`."""
+    """Fully decode image bytes into RGB (`gligen.files.to_rgb`); a truncated, unreadable or too large
+    image raises `SampleError`."""
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()  # PIL decodes lazily; force it so truncation shows here
-        return image.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
+            image = Image.open(io.BytesIO(data))
+            check_pixels(image, where)
+            image.load()  # PIL decodes lazily; force it so truncation shows here
+            return to_rgb(image)
+    except UserError as error:
+        raise SampleError(where, "image too large", str(error).removeprefix(f"{where}: ")) from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise SampleError(where, "unreadable image", str(error)) from None
 
@@ -134,22 +143,23 @@ def decode_sample(raw: dict[str, Any]) -> Sample:
         raise SampleError(where, "no json")
     try:
         meta = json.loads(raw["json"])
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise SampleError(where, "invalid json", str(error)) from None
     if not isinstance(meta, dict) or not isinstance(meta.get("caption", ""), str):
         raise SampleError(where, "invalid json", "expected an object with a string 'caption'")
+    caption = meta.get("caption", "")
     raw_entities = meta.get("entities", [])
     if not isinstance(raw_entities, list):
         raise SampleError(where, "invalid json", "'entities' must be a list")
     try:
-        entities = [entity_from_dict(e, f"entity {i}") for i, e in enumerate(raw_entities)]
+        entities = [entity_from_dict(e, f"entity {i}", caption) for i, e in enumerate(raw_entities)]
     except UserError as error:
         raise SampleError(where, "invalid entity", str(error)) from None
     image = decode_image(raw[image_ext], f"{where} {image_ext}")
     references = [_reference(raw, i, where) for i in range(len(entities))]
     if not any(r is not None for r in references):
         references = []
-    return Sample(key, image, meta.get("caption", ""), entities, references)
+    return Sample(key, image, caption, entities, references)
 
 
 def _reference(raw: dict[str, Any], index: int, where: str) -> Image.Image | None:
@@ -161,15 +171,59 @@ def _reference(raw: dict[str, Any], index: int, where: str) -> Image.Image | Non
 
 
 def shard_urls(source: str | os.PathLike | Iterable[str]) -> list[str]:
-    """Expand a shard source into URLs: a directory (its `*.tar` files), a brace pattern, a list."""
+    """Expand a shard source into URLs: a directory (its `*.tar` files), a brace pattern, a glob, a list.
+
+    Local shards must exist: a source that matches no file, or names files that are not there,
+    is a `UserError` naming it. URLs and `pipe:` commands are taken as they are.
+    """
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
         urls = sorted(str(p) for p in Path(source).glob("*.tar"))
         if not urls:
             raise UserError(f"{source}: directory holds no .tar shards")
         return urls
     if isinstance(source, (str, os.PathLike)):
-        return wds.shardlists.expand_urls(str(source))
-    return list(source)
+        urls = []
+        for url in wds.shardlists.expand_urls(str(source)):
+            urls += sorted(glob.glob(url)) if not is_remote(url) and glob.has_magic(url) else [url]
+    else:
+        urls = [str(url) for url in source]
+    if not urls:
+        raise UserError(f"{_shorten(source)}: matches no shard")
+    missing = [url for url in urls if not is_remote(url) and not Path(url).is_file()]
+    if len(missing) == len(urls):
+        raise UserError(f"{_shorten(source)}: matches no shard file (e.g. {missing[0]} does not exist)")
+    if missing:
+        raise UserError(f"{_shorten(source)}: {len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]}")
+    return urls
+
+
+def is_remote(url: str) -> bool:
+    """A URL or a `pipe:` command, which webdataset opens itself, rather than a local file."""
+    return "://" in url or url.startswith("pipe:")
+
+
+def _shorten(source: Any, limit: int = 120) -> str:
+    text = str(source) if isinstance(source, (str, os.PathLike)) else str(list(source))
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def tar_is_complete(path: str | os.PathLike) -> bool:
+    """Whether a local tar file ends as tar files end: a zero block after its last member.
+
+    A file cut at a member boundary reads without error, only shorter; this tells the difference.
+    """
+    try:
+        with tarfile.open(path, "r:") as tar:
+            last = None
+            for last in tar:
+                pass
+            end = 0 if last is None else last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        with open(path, "rb") as file:
+            file.seek(end)
+            block = file.read(tarfile.BLOCKSIZE)
+    except (OSError, tarfile.TarError):
+        return False
+    return len(block) == tarfile.BLOCKSIZE and not any(block)
 
 
 def read_shards(

@@ -14,7 +14,6 @@ Pairs come from either
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from PIL import Image
 from gligen.data.format import IMAGE_EXTENSIONS, Sample, SampleError, decode_image, load_image, shard_urls
 from gligen.data.writer import ShardWriter, attempt
 from gligen.errors import UserError
+from gligen.files import parse_json, read_text
 from gligen.layout import Layout
 
 Labeler = Callable[[list[Image.Image], list[str]], list[Layout]]
@@ -51,18 +51,17 @@ def pairs_from_directory(images_dir: str | os.PathLike, captions: str | os.PathL
     if captions.suffix not in (".jsonl", ".tsv"):
         raise UserError(f"{captions}: captions file must be .jsonl or .tsv")
     pairs = []
-    for lineno, line in enumerate(captions.read_text().splitlines(), 1):
+    for lineno, line in enumerate(read_text(captions).splitlines(), 1):
         if not line.strip():
             continue
         where = f"{captions} line {lineno}"
         if captions.suffix == ".jsonl":
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(f"{where}: invalid JSON ({error.msg})") from None
+            record = parse_json(line, where)
             if not isinstance(record, dict) or not isinstance(record.get("image"), str):
                 raise UserError(f"{where}: expected an object with 'image' and 'caption'")
             name, caption = record["image"], record.get("caption")
+            if caption is not None and not isinstance(caption, str):
+                raise UserError(f"{where}: 'caption' must be a string")
         else:
             name, _, caption = line.partition("\t")
         path = Path(images_dir) / name

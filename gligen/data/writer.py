@@ -12,6 +12,7 @@ crowd annotation: `drop`) and reported at the end, printed and in `DIR/summary.j
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -24,8 +25,8 @@ import webdataset as wds
 from tqdm import tqdm
 
 from gligen.data.format import Sample, SampleError, encode_sample
-from gligen.errors import UserError
-from gligen.files import write_json
+from gligen.errors import UserError, progress
+from gligen.files import atomic_path, naming_os_errors, write_json
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -63,7 +64,7 @@ class ShardWriter:
         self._pending_dropped: Counter = Counter()
         self._seen_reasons: set[str] = set()
         self._tar: wds.TarWriter | None = None
-        self._file = None
+        self._shard = contextlib.ExitStack()  # the open shard: a temporary file, renamed when complete
         self._shard_samples = 0
 
     # -- resume ---------------------------------------------------------------------------
@@ -135,7 +136,7 @@ class ShardWriter:
         if batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {batch_size}")
         remaining = iter(itertools.islice(items, self.start, None))
-        with tqdm(total=total, initial=self.start, desc=desc, unit="input") as bar:
+        with progress(self._finished), tqdm(total=total, initial=self.start, desc=desc, unit="input") as bar:
             while batch := list(itertools.islice(remaining, batch_size)):
                 for result in convert_batch(batch):
                     if isinstance(result, SampleError):
@@ -169,26 +170,29 @@ class ShardWriter:
             self._seen_reasons.add(reason)
             tqdm.write(f"dropping ({reason}): {detail or '-'}; further ones are only counted", file=sys.stderr)
 
-    def _shard_path(self, index: int, temporary: bool = False) -> Path:
-        name = f"shard-{index:06d}.tar"
-        return self.out_dir / (f".{name}.tmp" if temporary else name)
+    def _shard_path(self, index: int) -> Path:
+        return self.out_dir / f"shard-{index:06d}.tar"
+
+    def _finished(self) -> str:
+        return f"{len(self.state['shards'])} complete shards ({self.state['inputs']} inputs) in {self.out_dir}"
 
     def _open_shard(self) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self._shard_path(len(self.state["shards"]), temporary=True), "wb")
+        path = self._shard_path(len(self.state["shards"]))
+        tmp = self._shard.enter_context(atomic_path(path))
+        self._shard.enter_context(naming_os_errors(path))
+        file = self._shard.enter_context(open(tmp, "wb"))
         # a fixed mtime makes shards byte-identical across runs with the same inputs
-        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)
+        self._tar = wds.TarWriter(file, encoder=False, mtime=0)
 
     def _close_shard(self) -> None:
         """Finish the open shard (if any) and commit everything pending to the manifest."""
         if self._tar is not None:
             self._tar.close()
-            self._file.close()
+            self._shard.close()  # renames the complete shard into place
             index = len(self.state["shards"])
-            os.replace(self._shard_path(index, temporary=True), self._shard_path(index))
             self.state["shards"].append({"name": self._shard_path(index).name, "samples": self._shard_samples})
             self.state["samples"] += self._shard_samples
-            self._tar = self._file = None
+            self._tar = None
             self._shard_samples = 0
         self.state["inputs"] += self._pending_inputs
         dropped = Counter(self.state["dropped"]) + self._pending_dropped
@@ -197,13 +201,13 @@ class ShardWriter:
         self._pending_dropped = Counter()
         write_json(self.out_dir / MANIFEST, self.state)
 
-    def _abort(self) -> None:
+    def _abort(self, error: BaseException) -> None:
         """Forget the open shard; the manifest still names the last complete one."""
         if self._tar is not None:
-            self._tar.close()
-            self._file.close()
-            self._shard_path(len(self.state["shards"]), temporary=True).unlink(missing_ok=True)
-            self._tar = self._file = None
+            with contextlib.suppress(OSError, ValueError):  # the disk may still be full: the file goes anyway
+                self._tar.close()
+            self._tar = None
+            self._shard.__exit__(type(error), error, error.__traceback__)  # deletes the temporary file
 
     def close(self) -> dict[str, Any]:
         """Write the last shard, mark the job complete, print and save the summary."""
@@ -232,11 +236,7 @@ class ShardWriter:
         if exc_type is None:
             self.close()
         else:
-            self._abort()
-            print(
-                f"stopped after {len(self.state['shards'])} complete shards; rerun the same command to resume",
-                file=sys.stderr,
-            )
+            self._abort(exc)
 
 
 def attempt(function: Callable[[T], R], item: T) -> R | SampleError:

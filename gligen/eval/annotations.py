@@ -15,13 +15,14 @@ largest boxes kept.
 
 from __future__ import annotations
 
-import json
+import math
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from gligen.errors import UserError
+from gligen.files import read_json
 from gligen.layout import MAX_ENTITIES, Entity, Layout, load_layouts
 
 
@@ -57,8 +58,10 @@ class EvalSet:
     categories: list[Category]
 
     def category_ids(self) -> dict[str, int]:
-        """Lowercased phrase (as the detector's captions have it) -> category id."""
-        return {c.name.lower(): c.id for c in self.categories}
+        """Normalized phrase (as the detector's captions have it: `detector.prompt.normalize_phrase`) -> category id."""
+        from detector.prompt import normalize_phrase
+
+        return {normalize_phrase(c.name): c.id for c in self.categories}
 
 
 def load_eval_set(
@@ -93,7 +96,9 @@ def _from_layouts(path: Path, filters: Filters) -> tuple[list[Record], list[Cate
             layout = _keep_largest(replace(layout, entities=tuple(entities)), filters.max_entities)
             records.append(Record(layout, image_id, str(layout.meta.get("file_name", ""))))
     _check_unique(records, path)
-    names = dict.fromkeys(phrase.lower() for record in records for phrase in record.layout.phrases)
+    from detector.prompt import normalize_phrase
+
+    names = dict.fromkeys(normalize_phrase(phrase) for record in records for phrase in record.layout.phrases)
     return records, [Category(i, name) for i, name in enumerate(names, 1)]
 
 
@@ -107,27 +112,33 @@ def _from_instances(
         frequency = cat.get("frequency") if isinstance(cat, dict) else None
         if frequency not in (None, "r", "c", "f"):
             raise UserError(f"{where}: 'frequency' must be 'r', 'c' or 'f', got {frequency!r}")
-        category = Category(required(cat, "id", where), str(required(cat, "name", where)).replace("_", " "), frequency)
+        category = Category(check_id(cat, "id", where), check_name(cat, where).replace("_", " "), frequency)
+        unique(category.id, categories, "category id", where)
         categories[category.id] = category
 
     images = {}
     for i, image in enumerate(json_list(data, "images", path)):
         where = f"{path}: images[{i}]"
-        image_id = required(image, "id", where)
+        image_id = check_id(image, "id", where)
         if "file_name" in image or "coco_url" not in image:
             file_name = required(image, "file_name", where)
         else:  # LVIS: "http://images.cocodataset.org/val2017/0001.jpg" -> "val2017/0001.jpg" as detectron2 does
-            file_name = "/".join(image["coco_url"].split("/")[-2:])
-        images[image_id] = (file_name, required(image, "width", where), required(image, "height", where), [])
+            file_name = required(image, "coco_url", where)
+            if isinstance(file_name, str):
+                file_name = "/".join(file_name.split("/")[-2:])
+        if not isinstance(file_name, str):
+            raise UserError(f"{where}: 'file_name' must be a string, got {file_name!r}")
+        unique(image_id, images, "image id", where)
+        images[image_id] = (file_name, *check_size(image, where), [])
 
     for i, ann in enumerate(json_list(data, "annotations", path)):
         where = f"{path}: annotations[{i}]"
-        image_id, category_id, bbox = (required(ann, k, where) for k in ("image_id", "category_id", "bbox"))
+        image_id, category_id = check_id(ann, "image_id", where), check_id(ann, "category_id", where)
+        bbox = check_bbox(required(ann, "bbox", where), where)
         if image_id not in images:
             raise UserError(f"{where}: image_id {image_id!r} is not in 'images'")
         if category_id not in categories:
             raise UserError(f"{where}: category_id {category_id!r} is not in 'categories'")
-        check_bbox(bbox, where)
         if ann.get("iscrowd", 0) and filters.skip_crowd:
             continue
         _, width, height, entities = images[image_id]
@@ -169,7 +180,10 @@ def _captions(path: Path) -> dict[int, str]:
     prompts: dict[int, str] = {}
     for i, ann in enumerate(json_list(read_json(path), "annotations", path)):
         where = f"{path}: annotations[{i}]"
-        prompts.setdefault(required(ann, "image_id", where), str(required(ann, "caption", where)).strip())
+        caption = required(ann, "caption", where)
+        if not isinstance(caption, str):
+            raise UserError(f"{where}: 'caption' must be a string, got {caption!r}")
+        prompts.setdefault(check_id(ann, "image_id", where), caption.strip())
     return prompts
 
 
@@ -179,15 +193,6 @@ def _check_unique(records: list[Record], path: Path) -> None:
         if record.image_id in seen:
             raise UserError(f"{path}: image_id {record.image_id} appears twice")
         seen.add(record.image_id)
-
-
-def read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from None
 
 
 def json_list(data: Any, key: str, path: str | Path) -> list:
@@ -208,7 +213,56 @@ def required(record: Any, key: str, where: str) -> Any:
     return record[key]
 
 
-def check_bbox(bbox: Any, where: str) -> None:
-    """A COCO `bbox` is 4 numbers [x, y, width, height] in pixels."""
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-        raise UserError(f"{where}: 'bbox' must be 4 numbers [x, y, width, height], got {bbox!r}")
+def is_number(value: Any) -> bool:
+    """A finite JSON number (not a boolean, NaN, an infinity or an integer too large for a float)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def check_bbox(bbox: Any, where: str) -> list[float]:
+    """A COCO `bbox`: 4 finite numbers [x, y, width, height] in pixels, width and height not negative."""
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_number(v) for v in bbox)):
+        raise UserError(f"{where}: 'bbox' must be 4 finite numbers [x, y, width, height], got {_short(bbox)}")
+    if bbox[2] < 0 or bbox[3] < 0:
+        raise UserError(f"{where}: 'bbox' {_short(bbox)} has a negative width or height")
+    return bbox
+
+
+def check_id(record: Any, key: str, where: str) -> int:
+    """`record[key]`, an integer id."""
+    value = required(record, key, where)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UserError(f"{where}: '{key}' must be an integer, got {_short(value)}")
+    return value
+
+
+def check_name(record: Any, where: str) -> str:
+    """`record["name"]`, a non-empty string."""
+    name = required(record, "name", where)
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"{where}: 'name' must be a non-empty string, got {_short(name)}")
+    return name
+
+
+def check_size(record: Any, where: str) -> tuple[int, int]:
+    """`record["width"], record["height"]`: positive numbers of pixels."""
+    sides = tuple(required(record, key, where) for key in ("width", "height"))
+    for key, value in zip(("width", "height"), sides):
+        if not is_number(value) or value <= 0:
+            raise UserError(f"{where}: '{key}' must be a positive number of pixels, got {_short(value)}")
+    return sides
+
+
+def unique(value: int, seen: Any, what: str, where: str) -> None:
+    """Refuse a second record with the same id."""
+    if value in seen:
+        raise UserError(f"{where}: {what} {value} appears twice")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

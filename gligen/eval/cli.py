@@ -17,11 +17,12 @@ import argparse
 from pathlib import Path
 
 from detector.cli import DEFAULT_MODEL as DEFAULT_DETECTOR
+from gligen.commands import fraction, number, positive_int, seed
 from gligen.devices import DTYPES, parse_dtype
 from gligen.errors import UserError
 from gligen.eval.annotations import EvalSet, Filters, load_eval_set
-from gligen.layout import MAX_ENTITIES
-
+from gligen.files import Output
+from gligen.layout import MAX_ENTITIES, MAX_SIDE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,16 +35,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--model", required=True, help="diffusers SD or GLIGEN pipeline: directory or hub id")
     generate.add_argument("--adapter", help="grounding adapter directory (when --model is a plain SD pipeline)")
     generate.add_argument("--scheduler", help="ddim, euler_a, dpmpp, ... or a diffusers class (default: the model's)")
-    generate.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    generate.add_argument("--steps", type=positive_int, default=50, help="denoising steps (default 50)")
+    generate.add_argument("--guidance", type=number(float, 0), default=7.5,
+                          help="classifier-free guidance scale (default 7.5)")
     schedule = generate.add_mutually_exclusive_group()
-    schedule.add_argument("--beta", type=float, help="grounding for the first beta of the steps: beta,0,1-beta")
+    schedule.add_argument("--beta", type=fraction, help="grounding for the first beta of the steps: beta,0,1-beta")
     schedule.add_argument("--schedule", help="scheduled sampling a,b,c (default 0.3,0,0.7)")
-    generate.add_argument("--seed", type=int, default=0, help="base seed; each image's seed comes from it and its id")
-    generate.add_argument("--batch-size", type=int, default=1)
-    generate.add_argument("--size", type=int, default=512, help="generated image width and height (default 512)")
+    generate.add_argument("--seed", type=seed, default=0, help="base seed; each image's seed comes from it and its id")
+    generate.add_argument("--batch-size", type=positive_int, default=1)
+    generate.add_argument("--size", type=number(int, 8, MAX_SIDE), default=512,
+                          help="generated image width and height (default 512)")
     _add_device_arguments(generate, cuda_dtype="fp16")
-    generate.add_argument("--out", required=True, help="folder for the images and layouts.jsonl")
+    generate.add_argument("--out", required=True, type=Output, help="folder for the images and layouts.jsonl")
     generate.set_defaults(func=_generate)
 
     score = commands.add_parser("score", help="detect the layout phrases, COCO/LVIS AP, success rate, reports")
@@ -54,18 +57,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score.add_argument("--detections", help="COCO results JSON to score against --annotations, without a model")
     score.add_argument("--detector", default=DEFAULT_DETECTOR,
                        help=f"Grounding DINO directory or hub id (default {DEFAULT_DETECTOR})")
-    score.add_argument("--box-threshold", type=float, default=0.05,
+    score.add_argument("--box-threshold", type=fraction, default=0.05,
                        help="detections kept for AP (default 0.05: low, for the whole precision-recall curve)")
-    score.add_argument("--text-threshold", type=float, default=0.05)
-    score.add_argument("--verify-threshold", type=float, default=0.35, help="box threshold of the layout checks")
-    score.add_argument("--iou-threshold", type=float, default=0.5, help="IoU for an entity to count as placed")
-    score.add_argument("--batch-size", type=int, default=4)
-    score.add_argument("--samples", type=int, default=16, help="images in the samples grid")
+    score.add_argument("--text-threshold", type=fraction, default=0.05)
+    score.add_argument("--verify-threshold", type=fraction, default=0.35, help="box threshold of the layout checks")
+    score.add_argument("--iou-threshold", type=number(float, 0, 1, low_open=True), default=0.5,
+                       help="IoU for an entity to count as placed")
+    score.add_argument("--batch-size", type=positive_int, default=4)
+    score.add_argument("--samples", type=positive_int, default=16, help="images in the samples grid")
     score.add_argument("--fid-reference", help="folder of real images: adds FID (needs torch-fidelity)")
     score.add_argument("--inception-weights", help="torch-fidelity Inception weights file, for FID")
     score.add_argument("--clip-model", help="CLIP model directory: adds CLIP score")
     _add_device_arguments(score, cuda_dtype="fp32")  # AP: full precision; the detector is cheap
-    score.add_argument("--out", required=True, help="folder for the reports")
+    score.add_argument("--out", required=True, type=Output, help="folder for the reports")
     score.set_defaults(func=_score)
 
 
@@ -73,13 +77,14 @@ def _add_eval_set_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--annotations", required=True,
                         help="COCO / LVIS instances .json, or a layouts .jsonl (e.g. the one `generate` writes)")
     parser.add_argument("--captions", help="COCO captions .json: each image's first caption is its prompt")
-    parser.add_argument("--min-objects", type=int, default=1,
+    parser.add_argument("--min-objects", type=positive_int, default=1,
                         help="skip images with fewer boxes, after filtering (default 1)")
-    parser.add_argument("--max-objects", type=int, help="skip images with more boxes (after filtering)")
-    parser.add_argument("--min-area", type=float, default=0.0, help="drop boxes under this fraction of the image")
+    parser.add_argument("--max-objects", type=positive_int, help="skip images with more boxes (after filtering)")
+    parser.add_argument("--min-area", type=number(float, 0, 1, high_open=True), default=0.0,
+                        help="drop boxes under this fraction of the image")
     parser.add_argument("--keep-crowd", action="store_true", help="keep COCO crowd annotations as entities")
-    parser.add_argument("--max-entities", type=int, default=MAX_ENTITIES, help="keep the largest N boxes")
-    parser.add_argument("--limit", type=int, help="only the first N images")
+    parser.add_argument("--max-entities", type=positive_int, default=MAX_ENTITIES, help="keep the largest N boxes")
+    parser.add_argument("--limit", type=positive_int, help="only the first N images")
 
 
 def _add_device_arguments(parser: argparse.ArgumentParser, cuda_dtype: str) -> None:
@@ -89,8 +94,6 @@ def _add_device_arguments(parser: argparse.ArgumentParser, cuda_dtype: str) -> N
 
 
 def _eval_set(args: argparse.Namespace, size: int = 512) -> EvalSet:
-    if args.min_objects < 1 or args.max_entities < 1 or not 0.0 <= args.min_area < 1.0:
-        raise UserError("filters: need --min-objects >= 1, --max-entities >= 1 and 0 <= --min-area < 1")
     if args.max_objects is not None and args.max_objects < args.min_objects:
         raise UserError(f"filters: --max-objects {args.max_objects} is below --min-objects {args.min_objects}")
     filters = Filters(args.min_objects, args.max_objects, args.min_area, not args.keep_crowd, args.max_entities)
@@ -111,10 +114,8 @@ def _dtype(args: argparse.Namespace):
 def _generate(args: argparse.Namespace) -> None:
     from gligen.eval.generate import generate
 
-    if args.size <= 0 or args.size % 8:
-        raise UserError(f"--size must be a positive multiple of 8, got {args.size}")
-    if args.steps < 1 or args.batch_size < 1:
-        raise UserError("--steps and --batch-size must be at least 1")
+    if args.size % 8:
+        raise UserError(f"--size must be a multiple of 8, got {args.size}")
     eval_set = _eval_set(args, args.size)  # bad input fails before the model loads
     from gligen.pipeline import GligenPipeline
     from gligen.schedule import DEFAULT_SCHEDULE, parse_schedule, schedule_from_beta

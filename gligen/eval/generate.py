@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from gligen.devices import launched_processes
-from gligen.errors import UserError
+from gligen.errors import UserError, progress
 from gligen.eval.annotations import Record
 from gligen.files import save_image
 from gligen.layout import Layout, save_layouts
@@ -95,14 +95,14 @@ def generate(
         tqdm.write(f"{done} of {len(layouts)} images already done in {out_dir}; skipping them", file=sys.stderr)
     state.wait_for_everyone()  # every process must list the same `todo` before any writes an image
     made = 0
-    with state.split_between_processes(todo) as mine:
-        bar = tqdm(total=len(mine), desc="generate", unit="image", disable=not state.is_local_main_process)
+    finished = lambda: f"{len(layouts) - len(todo) + made} of {len(layouts)} images written to {out_dir}"  # noqa: E731
+    with state.split_between_processes(todo) as mine, progress(finished), tqdm(
+            total=len(mine), desc="generate", unit="image", disable=not state.is_local_main_process) as bar:
         for batch in _batches(mine, batch_size):
             for layout, image in zip(batch, pipeline(batch, **call_kwargs)):
                 save_image(out_dir / image_name(layout.meta["image_id"]), image)
-            made += len(batch)
+                made += 1
             bar.update(len(batch))
-        bar.close()
     if state.num_processes > 1:
         tqdm.write(f"process {state.process_index} of {state.num_processes}: made {made} images", file=sys.stderr)
     state.wait_for_everyone()

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import faster_coco_eval
 
 from gligen.errors import UserError
-from gligen.eval.annotations import check_bbox, json_list, required
+from gligen.eval.annotations import check_bbox, check_id, check_name, check_size, is_number, json_list, required, unique
 
 COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 LVIS_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR300", "ARs", "ARm", "ARl")
@@ -55,42 +55,62 @@ def box_ap(gt: dict[str, Any], detections: Sequence[dict[str, Any]]) -> dict[str
 
 
 def check_ground_truth(gt: Any, where: str) -> dict[str, Any]:
-    """Validate a COCO / LVIS ground truth; a missing key raises UserError naming it and its record.
+    """Validate a COCO / LVIS ground truth field by field; a bad record raises UserError naming it and the field.
 
     `area` defaults to the box area and `iscrowd` to 0, as in COCO results files.
     """
     for key in ("images", "annotations", "categories"):
         json_list(gt, key, where)
-    for i, image in enumerate(gt["images"]):
-        for key in ("id", "width", "height"):
-            required(image, key, f"{where}: images[{i}]")
-    for i, category in enumerate(gt["categories"]):
-        for key in ("id", "name"):
-            required(category, key, f"{where}: categories[{i}]")
+    image_ids = _unique_ids(gt["images"], f"{where}: images", "image id", check_size)
+    category_ids = _unique_ids(gt["categories"], f"{where}: categories", "category id", check_name)
+    annotation_ids: set[int] = set()
     for i, ann in enumerate(gt["annotations"]):
         at = f"{where}: annotations[{i}]"
-        for key in ("id", "image_id", "category_id"):
-            required(ann, key, at)
-        check_bbox(required(ann, "bbox", at), at)
-        ann.setdefault("area", ann["bbox"][2] * ann["bbox"][3])
+        annotation_id, image_id, category_id = (check_id(ann, key, at) for key in ("id", "image_id", "category_id"))
+        unique(annotation_id, annotation_ids, "annotation id", at)
+        annotation_ids.add(annotation_id)
+        if image_id not in image_ids:
+            raise UserError(f"{at}: image_id {image_id} is not in 'images'")
+        if category_id not in category_ids:
+            raise UserError(f"{at}: category_id {category_id} is not in 'categories'")
+        bbox = check_bbox(required(ann, "bbox", at), at)
+        ann.setdefault("area", bbox[2] * bbox[3])
+        if not is_number(ann["area"]) or ann["area"] < 0:
+            raise UserError(f"{at}: 'area' must be a non-negative number, got {ann['area']!r}")
         ann.setdefault("iscrowd", 0)
+        if ann["iscrowd"] not in (0, 1):
+            raise UserError(f"{at}: 'iscrowd' must be 0 or 1, got {ann['iscrowd']!r}")
     return gt
 
 
+def _unique_ids(records: list, where: str, what: str, check: Any) -> set[int]:
+    """The ids of `records`, each an integer seen once; `check(record, where)` validates the rest."""
+    ids: set[int] = set()
+    for i, record in enumerate(records):
+        at = f"{where}[{i}]"
+        record_id = check_id(record, "id", at)
+        check(record, at)
+        unique(record_id, ids, what, at)
+        ids.add(record_id)
+    return ids
+
+
 def check_detections(detections: Any, gt: dict[str, Any], where: str) -> list[dict[str, Any]]:
-    """Validate a COCO results list against `gt`; a bad entry raises UserError naming it."""
+    """Validate a COCO results list against `gt` field by field; a bad entry raises UserError naming it."""
     if not isinstance(detections, list):
         raise UserError(f"{where}: expected a JSON list of detections (COCO results format)")
     image_ids = {image["id"] for image in gt["images"]}
     category_ids = {category["id"] for category in gt["categories"]}
     for i, det in enumerate(detections):
         at = f"{where}: [{i}]"
-        image_id, category_id, bbox, _ = (required(det, k, at) for k in ("image_id", "category_id", "bbox", "score"))
+        image_id, category_id = check_id(det, "image_id", at), check_id(det, "category_id", at)
         if image_id not in image_ids:
             raise UserError(f"{at}: image_id {image_id!r} is not in the ground truth")
         if category_id not in category_ids:
             raise UserError(f"{at}: category_id {category_id!r} is not in the ground truth")
-        check_bbox(bbox, at)
+        check_bbox(required(det, "bbox", at), at)
+        if not is_number(required(det, "score", at)):
+            raise UserError(f"{at}: 'score' must be a finite number, got {det['score']!r}")
     return detections
 
 

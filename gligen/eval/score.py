@@ -75,7 +75,9 @@ def ground_truth(
     records: Sequence[Record], sizes: Sequence[tuple[int, int]], categories: Sequence[Category]
 ) -> dict[str, Any]:
     """The layout boxes as a COCO ground truth, in pixels of each scored image of (width, height) `sizes`."""
-    ids = {c.name.lower(): c.id for c in categories}
+    from detector.prompt import normalize_phrase
+
+    ids = {normalize_phrase(c.name): c.id for c in categories}
     images, annotations = [], []
     for record, (width, height) in zip(records, sizes):
         images.append({"id": record.image_id, "width": width, "height": height, "file_name": record.file_name})
@@ -83,7 +85,7 @@ def ground_truth(
             x0, y0, x1, y1 = entity.box
             bbox = [x0 * width, y0 * height, (x1 - x0) * width, (y1 - y0) * height]
             annotations.append({"id": len(annotations) + 1, "image_id": record.image_id, "iscrowd": 0,
-                                "category_id": ids[entity.phrase.lower()], "bbox": bbox, "area": bbox[2] * bbox[3]})
+                                "category_id": ids[normalize_phrase(entity.phrase)], "bbox": bbox, "area": bbox[2] * bbox[3]})
     cats = [{"id": c.id, "name": c.name, **({"frequency": c.frequency} if c.frequency else {})} for c in categories]
     return {"images": images, "annotations": annotations, "categories": cats}
 
@@ -127,8 +129,8 @@ def score_images(
     One detector pass serves both AP (all detections) and the layout checks (those over
     `settings.verify_threshold`, matched to the entities by `detector.verify.match_entities`).
     """
+    from detector.verify import distinct_phrases, match_entities
     from gligen.files import open_image
-    from detector.verify import match_entities
 
     out_dir = Path(out_dir)
     present, missing = find_images(eval_set.records, images_dir, real_images)
@@ -144,8 +146,7 @@ def score_images(
         batch = present[start:start + settings.batch_size]
         images = [open_image(path) for _, path in batch]
         layouts = [record.layout for record, _ in batch]
-        # distinct lowercased phrases: the phrase ids `match_entities` expects
-        phrases = [list(dict.fromkeys(p.lower() for p in layout.phrases)) for layout in layouts]
+        phrases = [distinct_phrases(layout) for layout in layouts]  # the phrase ids `match_entities` expects
         found = detector.detect(images, phrases, box_threshold=settings.box_threshold,
                                 text_threshold=settings.text_threshold, batch_size=settings.batch_size)
         for (record, _), layout, detections in zip(batch, layouts, found):

@@ -16,7 +16,9 @@ so that the text still describes the image. The caption is emptied with probabil
 `caption_drop`. Each sample also records its image's original (height, width) and the crop's
 (top, left) corner in the resized (and flipped) image: SDXL's size and crop conditioning.
 Corrupt samples (unreadable image, bad JSON, invalid entity, broken tar
-member) are skipped and counted.
+member) and truncated shards are skipped and counted by reason (`DataPosition.skipped_by_reason`);
+a reader whose shards hold no readable sample at all stops with a `UserError` naming them,
+after one pass over them, rather than looping forever.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import random
 import re
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -32,7 +34,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from gligen.data.format import Sample, SampleError, decode_sample, shard_urls
+from gligen.data.format import Sample, SampleError, decode_sample, is_remote, shard_urls, tar_is_complete
 from gligen.errors import UserError
 from gligen.training.batch import TrainingBatch
 from gligen.training.config import DataConfig
@@ -42,13 +44,15 @@ from gligen.training.config import DataConfig
 class DataPosition:
     """Where one reader is: shard `shard` of epoch `epoch`'s order, `sample` samples into it.
 
-    `skipped` counts the corrupt samples this reader has skipped since the run began.
+    `skipped` counts the corrupt samples this reader has skipped since the run began (a
+    truncated or unreadable shard counts once), `skipped_by_reason` the same by reason.
     """
 
     epoch: int = 0
     shard: int = 0
     sample: int = 0
     skipped: int = 0
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -184,7 +188,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.world_size = world_size
         self.positions = dict(positions or {})
         self.with_references = with_references
-        self.urls = shard_urls(config.shards)
+        self.urls = check_shards(config)
         readers = world_size * max(1, config.num_workers)
         if len(self.urls) < readers:
             raise UserError(
@@ -206,7 +210,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 batch = []
 
     def _samples(self, position: DataPosition, reader: int, readers: int) -> Iterator[TrainingSample]:
-        """Augmented samples from `position` on, advancing `position` in place as each is consumed."""
+        """Augmented samples from `position` on, advancing `position` in place as each is consumed.
+
+        Raises a `UserError` when a whole pass over this reader's shards finds no readable sample.
+        """
+        barren: list[str] = []  # shards read in a row without one readable sample
         while True:
             order = self._shard_order(position.epoch)[reader::readers]
             while position.shard < len(order):
@@ -215,18 +223,24 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 raws = self._read_shard(url, position)
                 if self.config.shuffle_within_shard:
                     random.Random(f"{self.seed}:{position.epoch}:{name}").shuffle(raws)
+                barren.append(url)
                 while position.sample < len(raws):
                     index = position.sample
                     position.sample += 1
                     try:
                         sample = decode_sample(raws[index])
                     except SampleError as error:
-                        self._skip(position, str(error))
+                        self._skip(position, error.reason, str(error))
                         continue
+                    barren = []
                     rng = random.Random(f"{self.seed}:{position.epoch}:{name}:{index}")
                     yield augment(sample, self.config, rng, self.with_references)
                 position.shard += 1
                 position.sample = 0
+                if len(barren) >= len(order):
+                    reasons = ", ".join(f"{n} {r}" for r, n in sorted(position.skipped_by_reason.items()))
+                    raise UserError(f"data.shards: no readable sample in {len(barren)} shards "
+                                    f"({_listed(barren)}); skipped so far: {reasons or 'nothing'}")
             position.epoch += 1
             position.shard = 0
 
@@ -237,17 +251,40 @@ class ShardDataset(torch.utils.data.IterableDataset):
         return urls
 
     def _read_shard(self, url: str, position: DataPosition) -> list[dict[str, Any]]:
-        """All raw samples (undecoded bytes) of one shard; broken tar members are skipped and counted."""
+        """All raw samples (undecoded bytes) of one shard; broken tar members and a truncated
+        local shard are skipped and counted."""
         first_read = position.sample == 0  # on resume mid-shard these were counted already
 
         def handler(error: Exception) -> bool:
             if first_read:
-                self._skip(position, f"{url}: {error}")
+                self._skip(position, "unreadable tar data", f"{url}: {error}")
             return True
 
-        return list(wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=handler)))
+        raws = list(wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=handler)))
+        if first_read and not is_remote(url) and not tar_is_complete(url):
+            self._skip(position, "truncated shard", f"{url}: the tar file ends early ({len(raws)} samples read)")
+        return raws
 
-    def _skip(self, position: DataPosition, message: str) -> None:
+    def _skip(self, position: DataPosition, reason: str, message: str) -> None:
         position.skipped += 1
+        position.skipped_by_reason[reason] = position.skipped_by_reason.get(reason, 0) + 1
         if position.skipped <= 10:  # show the first ones; the rest only count
-            warnings.warn(f"skipping corrupt sample: {message}", stacklevel=2)
+            warnings.warn(f"skipping corrupt sample ({reason}): {message}", stacklevel=2)
+
+
+def check_shards(config: DataConfig) -> list[str]:
+    """The shard URLs of `config.shards`; a `UserError` naming `data.shards` when it matches no shard.
+
+    Cheap (no shard is opened): the trainer calls it before any model loads.
+    """
+    if not config.shards:
+        raise UserError("data.shards: must name the training shards")
+    try:
+        return shard_urls(config.shards)
+    except UserError as error:
+        raise UserError(f"data.shards: {error}") from None
+
+
+def _listed(urls: Sequence[str], limit: int = 3) -> str:
+    names = ", ".join(urls[:limit])
+    return names + (f" and {len(urls) - limit} more" if len(urls) > limit else "")
