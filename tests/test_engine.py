@@ -130,3 +130,19 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_as_an_uninterrupted_run(s
         expected = load_file(str(tmp_path / "straight" / name / "adapter.safetensors"))
         got = load_file(str(tmp_path / "stopped" / name / "adapter.safetensors"))
         assert expected.keys() == got.keys() and all(torch.equal(v, got[k]) for k, v in expected.items()), name
+
+
+def test_timestep_range_bounds_the_training_timesteps(setup, monkeypatch):
+    with pytest.raises(UserError, match=r"config key timestep_range must be \[first, end\)"):
+        load_config("tiny_test", tiny_args(setup, "x", "timestep_range=[500, 400]"))
+    with pytest.raises(UserError, match=r"timestep_range \[0, 2000\] ends past the base's 1000 training timesteps"):
+        Trainer(load_config("tiny_test", tiny_args(setup, setup["root"] / "range_bad", "timestep_range=[0, 2000]")))
+    trainer = Trainer(load_config("tiny_test", tiny_args(setup, setup["root"] / "range", "timestep_range=[900, 1000]")))
+    seen = []
+    add_noise = trainer.noise_scheduler.add_noise
+    monkeypatch.setattr(trainer.noise_scheduler, "add_noise", lambda x, n, t: seen.append(t) or add_noise(x, n, t))
+    batch = next(iter(ShardDataset(trainer.config.data, batch_size=8, seed=0)))
+    for _ in range(4):
+        trainer.loss(batch)
+    timesteps = torch.cat(seen)
+    assert len(timesteps) == 32 and timesteps.min() >= 900 and timesteps.max() < 1000

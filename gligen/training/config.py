@@ -95,6 +95,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 50
     max_bad_steps_in_a_row: int = 20  # NaN / infinite losses in a row before the run stops
+    # [first, end) of the training timesteps, sampled uniformly; null: all. Scheduled sampling turns the
+    # fusers off in the last (least noisy) steps, so an adapter for schedule [0.3, 0, 0.7] needs the noisy ones.
+    timestep_range: list[int] | None = None
     report_to: str | list[str] = "tensorboard"  # accelerate trackers (tensorboard, wandb, ...), "all" or "none"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -125,6 +128,8 @@ class TrainConfig:
             (not (self.model.feature_type == "text-image-box" and not self.model.image_encoder),
              "model.image_encoder", "is required for feature_type text-image-box"),
             (bool(self.data.shards), "data.shards", "must name the training shards"),
+            (self.timestep_range is None or len(self.timestep_range) == 2 and 0 <= self.timestep_range[0]
+             < self.timestep_range[1], "timestep_range", "must be [first, end) with 0 <= first < end"),
         ]
         for ok, key, rule in checks:
             if not ok:

@@ -1,6 +1,6 @@
 """The training step's criterion: the denoising loss of one batch.
 
-    latents = VAE(crop) ; t, noise ~ U, N ; x_t = add_noise(latents, noise, t)
+    latents = VAE(crop) ; t ~ U(timestep_range), noise ~ N ; x_t = add_noise(latents, noise, t)
     grounding tokens = position_net(boxes, phrase embeddings)   (null for `grounding_drop` of the samples)
     loss = || UNet(x_t [, masked latents, mask], t, caption embeddings, tokens) - noise ||^2   (or - velocity)
 
@@ -33,8 +33,7 @@ def loss(trainer: Trainer, batch: TrainingBatch | Mapping[str, Any], grounding_d
     """The denoising loss of one batch (a scalar)."""
     batch = TrainingBatch.of(batch)
     latents = encode_latents(trainer, batch.pixels, batch.cache_keys)
-    timesteps = torch.randint(0, trainer.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              generator=trainer.generator).to(trainer.device)
+    timesteps = torch.randint(*trainer.timesteps, (latents.shape[0],), generator=trainer.generator).to(trainer.device)
     noise = torch.randn(latents.shape, generator=trainer.generator).to(trainer.device)
     model_input = trainer.noise_scheduler.add_noise(latents, noise, timesteps)
     if trainer.adapter.conv_in_extra is not None:

@@ -81,6 +81,10 @@ class Trainer:
         self.base = (base or load_base(config, self.weight_dtype)).freeze().to(self.device, self.weight_dtype)
         self.prompts = self.base.prompt_encoder()
         self.noise_scheduler = DDPMScheduler.from_config(self.base.scheduler.config)
+        self.timesteps = tuple(config.timestep_range or (0, self.noise_scheduler.config.num_train_timesteps))
+        if self.timesteps[1] > self.noise_scheduler.config.num_train_timesteps:
+            raise UserError(f"config key timestep_range {list(self.timesteps)} ends past the base's "
+                            f"{self.noise_scheduler.config.num_train_timesteps} training timesteps")
 
         self.adapter = make_adapter(config, self.base).to(self.device)
         unet = self.base.unet
