@@ -181,8 +181,8 @@ def generate_tab(models: Models, workdir: Path) -> None:
         return (path.read_text(), str(path),
                 f"**Layout:** {count} {'entity' if count == 1 else 'entities'}, {layout.width}x{layout.height}")
 
-    gr.on([canvas.change, prompt.change, negative.change, width_box.change, height_box.change, seed.change], refresh, layout_fields,
-          [layout_json, download, check], show_progress="hidden")
+    changes = [canvas.change, prompt.change, negative.change, width_box.change, height_box.change, seed.change]
+    gr.on(changes, refresh, layout_fields, [layout_json, download, check], show_progress="hidden")
 
     def resize(canvas_value_, width_, height_, background_):
         if not _valid_size(width_, height_) or canvas_value_ is None:
@@ -193,26 +193,25 @@ def generate_tab(models: Models, workdir: Path) -> None:
           show_progress="hidden")
 
     def run_generate(canvas_value_, prompt_, negative_, width_, height_, seed_, meta_, steps_, guidance_, schedule_,
-                     scheduler_, progress=gr.Progress(track_tqdm=True)):
+                     scheduler_, progress=gr.Progress(track_tqdm=True)):  # the bar follows generate's tqdm bars
         layout = _page_layout(canvas_value_, prompt_, negative_, width_, height_, seed_, meta_)
         out = Path(tempfile.mkdtemp(dir=workdir))
         start = time.perf_counter()
         kept = generate_image(models, layout, out, steps_, guidance_, schedule_, scheduler_)
-        seconds = time.perf_counter() - start
-        outputs = {"image": kept.image, "overlay": str(out / f"{JOB_NAME}.overlay.png"),
-                   "files": [str(out / f"{JOB_NAME}.png"), str(out / f"{JOB_NAME}.json")]}
-        message = f"Generated {layout.width}x{layout.height} in {seconds:.1f} s (seed {kept.layout.seed})"
+        message = (f"Generated {layout.width}x{layout.height} in {time.perf_counter() - start:.1f} s "
+                   f"(seed {kept.layout.seed})")
+        checked, rows = None, None
         if kept.verification is not None:
             from detector.verify import overlay as verification_overlay
 
-            check_ = kept.verification
-            outputs["verification"] = verification_overlay(kept.image, check_)
-            outputs["table"] = [[i, e.phrase, round(e.iou, 3), round(e.score, 3), "yes" if e.success else "no"]
-                                for i, e in enumerate(check_.entities)]
-            found = sum(e.success for e in check_.entities)
-            message += f"; verified: {found} of {len(check_.entities)} entities found (mean IoU {check_.mean_iou:.2f})"
-        return (outputs["image"], outputs["overlay"], outputs.get("verification"), outputs.get("table"),
-                outputs["files"], message)
+            entities = kept.verification.entities
+            checked = verification_overlay(kept.image, kept.verification)
+            rows = [[i, e.phrase, round(e.iou, 3), round(e.score, 3), "yes" if e.success else "no"]
+                    for i, e in enumerate(entities)]
+            message += (f"; verified: {sum(e.success for e in entities)} of {len(entities)} entities found "
+                        f"(mean IoU {kept.verification.mean_iou:.2f})")
+        files = [str(out / f"{JOB_NAME}.png"), str(out / f"{JOB_NAME}.json")]
+        return kept.image, str(out / f"{JOB_NAME}.overlay.png"), checked, rows, files, message
 
     run.click(_user_errors(run_generate), [*layout_fields, steps, guidance, schedule, scheduler],
               [image, overlay, verification, table, files, status], concurrency_id=MODEL_QUEUE, concurrency_limit=1)
@@ -297,7 +296,7 @@ def _page_layout(canvas: dict | None, prompt: str, negative: str, width: int | N
 
 
 def _page_values(layout: Layout, background: Image.Image | None = None) -> tuple:
-    """The page's layout fields (canvas, prompt, negative prompt, width, height, seed, meta, background) for a layout."""
+    """The page's fields (canvas, prompt, negative prompt, width, height, seed, meta, background) for a layout."""
     return (canvas_value(layout, background), layout.prompt, layout.negative_prompt, layout.width, layout.height,
             layout.seed, dict(layout.meta), background)
 

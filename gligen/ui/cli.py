@@ -20,11 +20,13 @@ from gligen.errors import UserError
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("ui", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=DEMO, help="diffusers SD or GLIGEN pipeline directory or hub id (default demo)")
+    parser.add_argument("--model", default=DEMO,
+                        help="diffusers SD or GLIGEN pipeline directory or hub id (default: demo)")
     parser.add_argument("--adapter", help="adapter directory (adapter.safetensors + adapter_config.json)")
     parser.add_argument("--detector", help="Grounding DINO directory or hub id for verification and photo layouts "
                                            "(default: the demo detector with the demo model, else none)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to serve on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="default: fp16 on CUDA, else fp32")
@@ -51,4 +53,5 @@ def _check_port(host: str, port: int) -> None:
         with socket.create_server((host, port)):
             pass
     except OSError as error:
-        raise UserError(f"cannot serve on {host}:{port} ({os.strerror(error.errno) if error.errno else error}); choose another with --port") from None
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise UserError(f"cannot serve on {host}:{port} ({reason}); choose another with --port") from None
