@@ -37,7 +37,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SERVER_START_S = 600  # upper bounds: imports and the model load before the page is served, on a machine
 GENERATE_S = 300  # that may be busy (about 15 s and 2 s when it is not)
-STEPS = "20"
+STEPS = "10"
 CHECK_LINE = "#layout-check [data-testid=markdown]"  # the page's line about its layout
 
 
@@ -171,7 +171,7 @@ def test_draw_generate_and_download(page, tmp_path):
     assert size == [32, 32]
     assert "verified:" in page.inner_text("#status")
     record = json.loads(_download(page, "#files a[download='gligen.json']", tmp_path).read_text())
-    assert record["image"] == "gligen.png" and record["model"] == "demo" and record["settings"]["steps"] == 20
+    assert record["image"] == "gligen.png" and record["model"] == "demo" and record["settings"]["steps"] == int(STEPS)
     assert record["layout"]["entities"] == json.loads(layout_file.read_text())["entities"]
     assert [e["phrase"] for e in record["verification"]["entities"]] == layout.phrases
     with Image.open(_download(page, "#files a[download='gligen.png']", tmp_path)) as png:
