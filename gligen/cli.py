@@ -13,6 +13,7 @@ COMMANDS = [
     Command("data", "make training shards", "gligen.data.cli:register"),
     Command("eval", "generate from held-out layouts and score them (AP, layout success)", "gligen.eval.cli:register"),
     Command("train", "train a grounding adapter", "gligen.training.cli:register"),
+    Command("ui", "draw layouts, generate and verify in a browser (needs the ui extra)", "gligen.ui.cli:register"),
 ]
 
 

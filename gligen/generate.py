@@ -85,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    schedule = _schedule(args)
+    _schedule(args)  # checked before anything loads
     _check_numbers(args)
     jobs = None if args.layout_from else _jobs(args.layout, args.max_side)  # before torch is even imported
     if jobs is not None:
@@ -117,25 +117,40 @@ def run(args: argparse.Namespace) -> None:
         image_encoder=args.image_encoder, attention=args.attention,
     )
     pipeline.validate([job.layout for job in todo], inpainting=inpaint_image is not None)
+    generate_jobs(pipeline, todo, args, out, detector, detector_name, inpaint_image, already_done=len(jobs) - len(todo))
+
+
+def generate_jobs(pipeline, jobs: Sequence[Job], args: argparse.Namespace, out: Path, detector=None,
+                  detector_name: str | None = None, inpaint_image: Image.Image | None = None,
+                  step_bar: bool = False, already_done: int = 0) -> list[Candidate]:
+    """Generate prepared `jobs` with a loaded pipeline (and detector) as `args` say; write their files into `out`.
+
+    `args` holds this command's options (its parser's defaults for those not given); `step_bar`
+    adds a bar over the denoising steps of each batch; `already_done` layouts of the same run
+    (skipped as written) count in what an interrupt reports. Returns the candidate kept for each job.
+    """
+    schedule = _schedule(args)
     settings = {
         "steps": args.steps, "guidance": args.guidance, "schedule": list(schedule),
-        "scheduler": type(pipeline.scheduler).__name__, "dtype": str(dtype).removeprefix("torch."),
-        "device": str(device), "max_entities": args.max_entities, "image_encoder": args.image_encoder,
+        "scheduler": type(pipeline.scheduler).__name__, "dtype": str(pipeline.dtype).removeprefix("torch."),
+        "device": str(pipeline.device), "max_entities": args.max_entities, "image_encoder": args.image_encoder,
         "inpaint_image": args.inpaint_image, "attention": args.attention, "best_of": args.best_of,
         "detector": detector_name, "iou_threshold": args.iou_threshold if detector_name else None,
     }
     call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, schedule=schedule,
-                inpaint_image=inpaint_image, max_entities=args.max_entities)
-    done = len(jobs) - len(todo)
-    finished = lambda: f"{done} of {len(jobs)} layouts written to {out}"  # noqa: E731
-    with progress(finished), tqdm(total=len(todo), desc="generate", unit="image") as bar:
-        for batch in _batches(todo, args.batch_size):
+                inpaint_image=inpaint_image, max_entities=args.max_entities, progress=step_bar)
+    kept = {}
+    done, total = already_done, already_done + len(jobs)
+    finished = lambda: f"{done} of {total} layouts written to {out}"  # noqa: E731
+    with progress(finished), tqdm(total=len(jobs), desc="generate", unit="image") as bar:
+        for batch in _batches(jobs, args.batch_size):
             layouts = [job.layout for job in batch]
             candidates = [_candidates(pipeline, layouts, k, call, detector, args) for k in range(args.best_of)]
             for i, job in enumerate(batch):
-                _write(out, job, [round_[i] for round_ in candidates], args, settings)
+                kept[job.name] = _write(out, job, [round_[i] for round_ in candidates], args, settings)
                 done += 1
             bar.update(len(batch))
+    return [kept[job.name] for job in jobs]
 
 
 # --- inputs ---
@@ -197,15 +212,21 @@ def _detector(name: str, device):
 
 def _layout_from_image(args: argparse.Namespace, detector) -> list[Job]:
     """One job: the layout the detector finds in --layout-from (caption noun phrases, or --phrases)."""
+    layout = layout_from_image(detector, open_image(args.layout_from), args.caption, args.phrases, args.layout_from)
+    return [Job(Path(args.layout_from).stem, replace(layout, meta={**layout.meta, "source": args.layout_from}))]
+
+
+def layout_from_image(detector, image: Image.Image, caption: str | None = None, phrases: Sequence[str] | None = None,
+                      where: str = "image") -> Layout:
+    """The layout the detector finds in `image`: `caption`'s noun phrases, else `phrases`, each at its best box.
+
+    Raises a UserError naming `where` when none is found.
+    """
     from detector.label import label
 
-    image = open_image(args.layout_from)
-    if args.caption:
-        layout = label(detector, image, args.caption)
-    else:
-        layout = layout_of_phrases(detector, image, args.phrases)
-    require(bool(layout.entities), f"{args.layout_from}: the detector found none of the phrases")
-    return [Job(Path(args.layout_from).stem, replace(layout, meta={**layout.meta, "source": args.layout_from}))]
+    layout = label(detector, image, caption) if caption else layout_of_phrases(detector, image, phrases)
+    require(bool(layout.entities), f"{where}: the detector found none of the phrases")
+    return layout
 
 
 def layout_of_phrases(detector, image: Image.Image, phrases: Sequence[str], prompt: str | None = None) -> Layout:
@@ -258,8 +279,8 @@ def _candidates(pipeline, layouts: list[Layout], k: int, call: dict, detector, a
     return candidates
 
 
-def _write(out: Path, job: Job, candidates: list[Candidate], args, settings: dict) -> None:
-    """NAME.png, NAME.overlay.png and NAME.json of the best candidate (the first on ties); the JSON last."""
+def _write(out: Path, job: Job, candidates: list[Candidate], args, settings: dict) -> Candidate:
+    """NAME.png, NAME.overlay.png and NAME.json of the best candidate (the first on ties); the JSON last. The best."""
     best = max(candidates, key=lambda c: c.score)  # max keeps the first of equal scores
     save_image(out / f"{job.name}.png", best.image)
     if args.overlay:
@@ -280,3 +301,4 @@ def _write(out: Path, job: Job, candidates: list[Candidate], args, settings: dic
             {"seed": c.layout.seed, "success_rate": c.score[0], "mean_iou": c.score[1]} for c in candidates
         ]
     write_json(out / f"{job.name}.json", record)
+    return best
