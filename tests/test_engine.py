@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import tarfile
 import sys
 import time
 from dataclasses import asdict
@@ -146,3 +147,59 @@ def test_timestep_range_bounds_the_training_timesteps(setup, monkeypatch):
         trainer.loss(batch)
     timesteps = torch.cat(seen)
     assert len(timesteps) == 32 and timesteps.min() >= 900 and timesteps.max() < 1000
+
+
+def test_a_data_source_matching_nothing_is_refused_before_the_model_loads(setup, tmp_path, monkeypatch):
+    from gligen.training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "load_base", lambda *a: pytest.fail("the model loaded before data.shards was checked"))
+    with pytest.raises(UserError, match=r"^data.shards: .*matches no shard"):
+        Trainer(load_config("tiny_test", tiny_args(setup, tmp_path / "run", f"data.shards={tmp_path}/none-*.tar")))
+
+
+def test_lost_data_is_summed_by_reason_in_the_metrics_and_at_the_end(setup, tmp_path, capsys):
+    shards = tmp_path / "cut"
+    shards.mkdir()
+    for path in sorted(setup["shards"].glob("*.tar")):
+        whole = path.read_bytes()
+        with tarfile.open(path) as tar:
+            cut = tar.getmembers()[-2].offset  # each shard loses its last sample at a member boundary
+        (shards / path.name).write_bytes(whole[:cut])
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="truncated shard"):
+        Trainer(load_config("tiny_test", tiny_args(setup, out, f"data.shards={shards}", "max_steps=6", "log_every=3",
+                                                   "report_to=none"))).train()
+    last = json.loads((out / "logs" / "metrics.jsonl").read_text().splitlines()[-1])
+    shards_read = last["skipped_by_reason"]["truncated shard"]
+    assert last["skipped_samples"] == shards_read >= 1 and last["skipped_by_reason"] == {"truncated shard": shards_read}
+    assert f"training: skipped {shards_read} corrupt samples ({shards_read} truncated shard)" in capsys.readouterr().err
+
+
+def test_resume_drops_metrics_after_the_checkpoint_and_refuses_state_that_needs_code(setup, tmp_path):
+    out = tmp_path / "run"
+
+    def run(steps):
+        AcceleratorState._reset_state(True)
+        return Trainer(load_config("tiny_test", tiny_args(setup, out, f"max_steps={steps}", "log_every=1",
+                                                          "checkpoint_every=2", "report_to=none"))).train()
+
+    run(2)
+    metrics = out / "logs" / "metrics.jsonl"
+    with open(metrics, "a") as f:  # what a killed run leaves after its checkpoint: a later step and a cut line
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n" + '{"step": 4, "lo')
+    run(4)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4]
+
+    marker = tmp_path / "code-ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    latest = out / "checkpoints" / "checkpoint-00000004"
+    torch.save(RunsCode(), latest / "optimizer.bin")
+    with pytest.raises(UserError) as error:
+        run(6)
+    assert str(error.value) == (f"{latest}: a state file is a pickle that needs code to load; refused (no code ran). "
+                                "Remove this checkpoint to resume from the one before it")
+    assert not marker.exists()

@@ -19,6 +19,7 @@ import copy
 import json
 import logging
 import os
+import pickle
 import shutil
 import time
 from dataclasses import asdict
@@ -148,7 +149,11 @@ def resume(trainer: Trainer) -> Path | None:
     if not found:
         return None
     latest = found[-1]
-    trainer.accelerator.load_state(str(latest))
+    try:
+        trainer.accelerator.load_state(str(latest))
+    except pickle.UnpicklingError:  # accelerate reads its state files weights-only: no code runs from them
+        raise UserError(f"{latest}: a state file is a pickle that needs code to load; refused (no code ran). "
+                        "Remove this checkpoint to resume from the one before it") from None
     rank = trainer.accelerator.process_index
     state_path = latest / f"training_state_{rank}.json"
     if not state_path.is_file():

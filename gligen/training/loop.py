@@ -10,13 +10,15 @@ signal stops them all at the same update.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from gligen.errors import Terminated, UserError
@@ -47,7 +49,7 @@ class Window:
     def mean_loss(self, accumulation_steps: int) -> float:
         return self.loss / (self.good * accumulation_steps)
 
-    def metrics(self, trainer: Trainer) -> dict[str, float]:
+    def metrics(self, trainer: Trainer) -> dict[str, Any]:
         elapsed = time.perf_counter() - self.start
         return {
             "loss": self.mean_loss(trainer.config.gradient_accumulation_steps),
@@ -55,7 +57,7 @@ class Window:
             "grad_norm": self.grad_norm / self.good,
             "images_per_s": self.images / elapsed,
             "steps_per_s": (self.good + self.bad) / elapsed,
-            "skipped_samples": skipped_samples(trainer),
+            **skipped_samples(trainer),
             "bad_steps": self.bad,
         }
 
@@ -85,7 +87,8 @@ class StopRequests:
 def train(trainer: Trainer) -> Path:
     """Train to `max_steps` (resuming from the latest checkpoint) and export the adapter -> its directory."""
     config, accelerator = trainer.config, trainer.accelerator
-    checkpoint.resume(trainer)
+    if checkpoint.resume(trainer) is not None and accelerator.is_main_process:
+        trackers.trim_metrics(trainer.metrics_path, trainer.step)
     trackers.start(accelerator, config)
     dataset = ShardDataset(
         config.data, config.batch_size, config.seed, accelerator.process_index, accelerator.num_processes,
@@ -133,6 +136,7 @@ def train(trainer: Trainer) -> Path:
         stop_now(trainer, stopping)
     if trainer.step and not checkpoint.checkpoint_dir(trainer.output_dir, trainer.step).is_dir():
         checkpoint.save(trainer)
+    report_skipped(trainer)
     out = trainer.output_dir / "adapter"
     adapter = checkpoint.inference_adapter(trainer)
     if adapter is not None:
@@ -187,10 +191,26 @@ def log(trainer: Trainer, metrics: dict) -> None:
     trackers.log(trainer.accelerator, trainer.metrics_path, trainer.step, metrics)
 
 
-def skipped_samples(trainer: Trainer) -> int:
-    """Corrupt samples skipped so far by all readers of all processes."""
-    mine = torch.tensor([sum(p.skipped for p in trainer.positions.values())], device=trainer.device)
-    return int(trainer.accelerator.reduce(mine, "sum").item())
+def skipped_samples(trainer: Trainer) -> dict[str, Any]:
+    """Corrupt samples skipped so far by all readers of all processes: their number, and by reason."""
+    mine: dict[str, int] = {}
+    for position in trainer.positions.values():
+        for reason, n in position.skipped_by_reason.items():
+            mine[reason] = mine.get(reason, 0) + n
+    by_reason: dict[str, int] = {}
+    for theirs in gather_object([mine]):
+        for reason, n in theirs.items():
+            by_reason[reason] = by_reason.get(reason, 0) + n
+    return {"skipped_samples": sum(by_reason.values()), "skipped_by_reason": dict(sorted(by_reason.items()))}
+
+
+def report_skipped(trainer: Trainer) -> None:
+    """The end-of-run count of lost data, on stderr when anything was lost (metrics.jsonl has it at every log)."""
+    skipped = skipped_samples(trainer)
+    if skipped["skipped_samples"] and trainer.accelerator.is_main_process:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in skipped["skipped_by_reason"].items())
+        print(f"training: skipped {skipped['skipped_samples']} corrupt samples ({reasons}); "
+              f"see the warnings above and {trainer.metrics_path}", file=sys.stderr)
 
 
 def stop_now(trainer: Trainer, signum: int) -> None:

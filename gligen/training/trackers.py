@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.tracking import get_available_trackers
 from PIL import Image
 
+from gligen.files import atomic_path
 from gligen.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -43,13 +44,36 @@ def start(accelerator: Accelerator, config: TrainConfig) -> None:
 
 
 def log(accelerator: Accelerator, metrics_path: Path, step: int, metrics: dict[str, Any]) -> None:
-    """One line of `metrics.jsonl` (main process) and the same metrics to every tracker."""
+    """One line of `metrics.jsonl` (main process) and the same metrics to every tracker.
+
+    The line goes out in one append, so a killed run leaves whole lines (see `trim_metrics`).
+    """
     if accelerator.log_with:
-        accelerator.log(metrics, step=step)
+        accelerator.log(flat(metrics), step=step)
     if accelerator.is_main_process:
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        line = (json.dumps({"step": step, **metrics}) + "\n").encode()
+        fd = os.open(metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+
+def trim_metrics(metrics_path: Path, step: int) -> None:
+    """On resume at `step`: drop the lines logged after it (the rerun logs them again) and a cut last line."""
+    if not metrics_path.is_file():
+        return
+    kept = []
+    for line in metrics_path.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut by a crash mid-write (older runs) or a foreign edit
+            continue
+        if line.endswith("\n") and record.get("step", 0) <= step:
+            kept.append(line)
+    with atomic_path(metrics_path) as path:
+        path.write_text("".join(kept))
 
 
 def log_image(accelerator: Accelerator, name: str, image: Image.Image, step: int) -> None:
@@ -62,7 +86,7 @@ def log_image(accelerator: Accelerator, name: str, image: Image.Image, step: int
 
 
 def flat(data: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested config -> {"optim.lr": ...} with values every tracker takes."""
+    """Nested dicts -> {"optim.lr": ...} with values every tracker takes."""
     out = {}
     for key, value in data.items():
         if isinstance(value, dict):

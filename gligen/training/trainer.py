@@ -40,7 +40,7 @@ from gligen.training import checkpoint, loop, step, trackers, validation
 from gligen.training.batch import TrainingBatch
 from gligen.training.cache import EncodingCache
 from gligen.training.config import TrainConfig
-from gligen.training.dataset import DataPosition, ShardDataset
+from gligen.training.dataset import DataPosition, ShardDataset, check_shards
 from gligen.training.model import GroundedUNet, load_base, make_adapter, set_attention
 from gligen.training.optim import make_lr_scheduler, make_optimizer
 
@@ -58,6 +58,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, base: FrozenBase | None = None):
         self.config = config
         self.output_dir = Path(config.output_dir)
+        check_shards(config.data)  # a wrong data.shards fails in a second, before the model loads
         # without CUDA, launched processes join (over gloo) only when told that they run on CPUs
         launched = launched_processes()
         self.accelerator = Accelerator(
