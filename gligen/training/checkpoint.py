@@ -150,10 +150,11 @@ def resume(trainer: Trainer) -> Path | None:
         return None
     latest = found[-1]
     try:
-        trainer.accelerator.load_state(str(latest))
+        trainer.accelerator.load_state(str(latest), load_kwargs={"weights_only": False} if trainer.config.trust_pickle else None)
     except pickle.UnpicklingError:  # accelerate reads its state files weights-only: no code runs from them
         raise UserError(f"{latest}: a state file is a pickle that needs code to load; refused (no code ran). "
-                        "Remove this checkpoint to resume from the one before it") from None
+                        "Rerun with --trust-pickle only if you trust it, or remove this checkpoint to resume "
+                        "from the one before it") from None
     rank = trainer.accelerator.process_index
     state_path = latest / f"training_state_{rank}.json"
     if not state_path.is_file():

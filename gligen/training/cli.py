@@ -18,6 +18,8 @@ configs/accelerate/fsdp.yaml] train.py --config ...` (or `-m gligen.cli train ..
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, metavar="NAME_OR_PATH",
                         help="a YAML training config, or the name of a shipped one (e.g. sd14_text_box)")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="resume from checkpoint state files that need code to load (only files you trust)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-4")
     parser.set_defaults(func=run)
 
@@ -31,5 +33,6 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> None:
     from gligen.training import load_config, train
 
-    adapter = train(load_config(args.config, args.overrides))
+    overrides = [*args.overrides, *(["trust_pickle=true"] if args.trust_pickle else [])]
+    adapter = train(load_config(args.config, overrides))
     print(f"adapter saved to {adapter}")

@@ -98,6 +98,7 @@ class TrainConfig:
     # [first, end) of the training timesteps, sampled uniformly; null: all. Scheduled sampling turns the
     # fusers off in the last (least noisy) steps, so an adapter for schedule [0.3, 0, 0.7] needs the noisy ones.
     timestep_range: list[int] | None = None
+    trust_pickle: bool = False  # resume from state files that need code to load (`--trust-pickle`)
     report_to: str | list[str] = "tensorboard"  # accelerate trackers (tensorboard, wandb, ...), "all" or "none"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
