@@ -117,11 +117,12 @@ def commands_writing_to(out: Path, inputs: dict) -> list[tuple]:
         (detector_main, "detect", inputs["image"], "--phrases", "a cat", "--model", "nowhere", "--overlay", out),
         (detector_main, "train", "--images", ".", "--annotations", inputs["gt"], "--model", "nowhere", "--out", out),
         (detector_main, "convert", "nowhere.pth", "--out", out),
+        (gligen_main, "train", "--config", "tiny_test", "model.base=nowhere", "data.shards=nowhere", f"output_dir={out}"),
     ]
 
 
 COMMAND_IDS = ["generate", "data shapes", "data from-coco", "eval generate", "eval score", "convert",
-               "detector detect", "detector train", "detector convert"]
+               "detector detect", "detector train", "detector convert", "train"]
 
 
 # --- 1. operating-system faults on output ---

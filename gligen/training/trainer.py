@@ -34,6 +34,7 @@ from diffusers.training_utils import EMAModel
 from gligen.base import FrozenBase
 from gligen.devices import launched_processes
 from gligen.errors import UserError
+from gligen.files import check_writable
 from gligen.grounding import GroundingInputs
 from gligen.layout import load_layouts
 from gligen.training import checkpoint, loop, step, trackers, validation
@@ -58,7 +59,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, base: FrozenBase | None = None):
         self.config = config
         self.output_dir = Path(config.output_dir)
-        check_shards(config.data)  # a wrong data.shards fails in a second, before the model loads
+        check_writable(self.output_dir)  # an unwritable output_dir or a wrong data.shards fails before the model loads
+        check_shards(config.data)
         # without CUDA, launched processes join (over gloo) only when told that they run on CPUs
         launched = launched_processes()
         self.accelerator = Accelerator(
