@@ -56,7 +56,7 @@ def is_grounding_key(key: str) -> bool:
 
 
 def split_gligen_unet(
-    unet: UNet2DConditionModel, image_projection: nn.Linear | None = None
+    unet: UNet2DConditionModel, image_projection: nn.Linear | None = None, phrase_embedding: str = "pooler_output",
 ) -> tuple[UNet2DConditionModel, GroundingAdapter]:
     """A diffusers GLIGEN UNet -> (the plain base UNet, the adapter holding its position net and fusers).
 
@@ -65,7 +65,8 @@ def split_gligen_unet(
     every base weight stays as it was. The plain UNet with the adapter attached computes what
     the GLIGEN UNet computed. `image_projection` (text-image-box only) is the reference-image
     projection, diffusers' `CLIPImageProjection.project` of a GLIGEN text-image pipeline; without
-    it the adapter's projection is the identity.
+    it the adapter's projection is the identity. `phrase_embedding` is recorded in the adapter's
+    config ("projected" for GLIGEN-XL, an SDXL pipeline with a gated UNet).
     """
     attention_type = unet.config.attention_type
     if attention_type not in GLIGEN_ATTENTION_TYPES:
@@ -74,7 +75,7 @@ def split_gligen_unet(
     projection = image_projection.weight if image_projection is not None else None
     adapter = GroundingAdapter.for_unet(
         unet, feature_type, positive_len=unet.position_net.positive_len,
-        image_embed_dim=projection.shape[1] if projection is not None else None,
+        image_embed_dim=projection.shape[1] if projection is not None else None, phrase_embedding=phrase_embedding,
     )
     state = {k: v for k, v in unet.state_dict().items() if is_grounding_key(k)}
     if feature_type == "text-image-box":

@@ -271,7 +271,7 @@ def _candidates(pipeline, layouts: list[Layout], k: int, call: dict, detector, a
     from detector.verify import verify_batch
 
     layouts = [replace(layout, seed=layout.seed + k) for layout in layouts]
-    images = pipeline(layouts, **call)
+    images = pipeline(layouts, **call).images
     candidates = [Candidate(layout, image) for layout, image in zip(layouts, images)]
     if detector is not None and (args.verify or args.best_of > 1):
         for candidate, check in zip(candidates, verify_batch(detector, images, layouts, args.iou_threshold)):

@@ -95,7 +95,8 @@ class GroundingInputs:
     """Padded per-entity inputs of a batch of layouts.
 
     boxes (B,N,4) normalized xyxy, masks (B,N) 1 for real entities; phrase_embeds (B,N,D);
-    image_embeds (B,N,D) and image_masks (B,N) for text-image-box grounding only.
+    image_embeds (B,N,D) and image_masks (B,N) for text-image-box grounding only; phrase_masks
+    (B,N), when given, 0 for entities without a phrase (image-only entities), else `masks` serve.
     """
 
     boxes: torch.Tensor
@@ -103,6 +104,7 @@ class GroundingInputs:
     phrase_embeds: torch.Tensor
     image_embeds: torch.Tensor | None = None
     image_masks: torch.Tensor | None = None
+    phrase_masks: torch.Tensor | None = None
 
     def with_null_half(self) -> GroundingInputs:
         """[null grounding; this] along the batch: the unconditional half of classifier-free guidance."""
@@ -114,7 +116,7 @@ class GroundingInputs:
 
         return GroundingInputs(
             twice(self.boxes), null_then(self.masks), twice(self.phrase_embeds),
-            twice(self.image_embeds), null_then(self.image_masks),
+            twice(self.image_embeds), null_then(self.image_masks), null_then(self.phrase_masks),
         )
 
 
