@@ -254,13 +254,18 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
     def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None):
         """diffusers' sequential offload; the adapter's fusers are offloaded as parts of the UNet, its position net
         on its own."""
-        super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
-        if self.adapter is not None:
+        adapter = self.adapter
+        self.register_modules(adapter=None)  # its fusers are offloaded with the UNet: no second move
+        try:
+            super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+        finally:
+            self.register_modules(adapter=adapter)
+        if adapter is not None:
             from accelerate import cpu_offload
 
-            cpu_offload(self.adapter.position_net, self._offload_device)
-            if self.adapter.image_projection is not None:
-                cpu_offload(self.adapter.image_projection, self._offload_device)
+            cpu_offload(adapter.position_net, self._offload_device)
+            if adapter.image_projection is not None:
+                cpu_offload(adapter.image_projection, self._offload_device)
 
     # --- compiled fast path ---
 
