@@ -49,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("generate", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="diffusers SD or GLIGEN pipeline directory or hub id")
-    parser.add_argument("--adapter", help="adapter directory (adapter.safetensors + adapter_config.json)")
+    parser.add_argument("--adapter", help="adapter directory (adapter.safetensors + adapter_config.json) or hub id")
+    parser.add_argument("--adapter-revision", help="with a hub --adapter: its branch, tag or commit")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--layout", help="layout file: .json (one layout or a list) or .jsonl")
     source.add_argument("--layout-from", metavar="IMAGE", help="take the layout of this image (detector)")
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> None:
 
     pipeline = GligenPipeline.from_pretrained(
         args.model, args.adapter, device=device, dtype=dtype, scheduler=args.scheduler,
-        image_encoder=args.image_encoder, attention=args.attention,
+        image_encoder=args.image_encoder, attention=args.attention, adapter_revision=args.adapter_revision,
     )
     pipeline.validate([job.layout for job in todo], inpainting=inpaint_image is not None)
     generate_jobs(pipeline, todo, args, out, detector, detector_name, inpaint_image, already_done=len(jobs) - len(todo))
