@@ -419,12 +419,24 @@ def register(subparsers) -> None:
                         "for files that cannot be read otherwise, and only if you trust them")
     parser.add_argument("--clip", help="CLIP model (directory or hub id) for an official text-image-box release: "
                         "its reference-image projection and image encoder")
+    export = parser.add_argument_group("export an adapter (SRC: an adapter directory or hub id)")
+    export.add_argument("--to", choices=["diffusers", "comfyui"], help="diffusers: OUT is a diffusers "
+                        "StableDiffusionGLIGEN(TextImage)Pipeline directory; comfyui: OUT is the single .safetensors "
+                        "file of ComfyUI's GLIGENLoader (official GLIGEN key names)")
+    export.add_argument("--base", help="the SD base the adapter was trained on (directory or hub id); needed for "
+                        "--to diffusers, optional for comfyui (default: the SD 1.x/2.x block layout)")
+    export.add_argument("--image-encoder", help="--to diffusers, text-image-box: CLIP vision directory or hub id "
+                        "(default: the base's image_encoder and feature_extractor)")
     parser.set_defaults(func=run)
 
 
 def run(args) -> None:
     source = Path(args.source)
-    if source.is_dir():
+    if args.to is not None:
+        from gligen.export import run_export
+
+        out = run_export(args)
+    elif source.is_dir():
         out = convert_diffusers(source, args.out, args.full)
     else:
         out = convert_official(source, args.out, args.full, args.trust_pickle, args.clip)
