@@ -205,9 +205,9 @@ class GroundingAdapter(nn.Module):
         """`tokens`: a module call, so that offloading hooks bring the position net to the device."""
         return self.tokens(inputs)
 
-    def cross_attention_kwargs(self, tokens: torch.Tensor, scale: float = 1.0, **extra) -> dict | None:
-        """The UNet's `cross_attention_kwargs` for this step at fuser scale `scale` (plus `extra`, e.g.
-        a LoRA scale); without grounding at scale 0, so that the fusers cost nothing.
+    def cross_attention_kwargs(self, tokens: torch.Tensor, scale: float = 1.0, extra: dict | None = None) -> dict | None:
+        """The UNet's `cross_attention_kwargs` for this step at fuser scale `scale` (plus the user's `extra`, e.g.
+        {"scale": a LoRA scale}); without grounding at scale 0, so that the fusers cost nothing.
 
         The scale is written into the fusers' scale buffers in place (see `GatedSelfAttention`).
         """
@@ -215,7 +215,7 @@ class GroundingAdapter(nn.Module):
             return extra or None
         for fuser in self.fusers:
             fuser.set_scale(scale)
-        return {**extra, "gligen": {"objs": tokens}}
+        return {**(extra or {}), "gligen": {"objs": tokens}}
 
     def check_fits(self, unet: nn.Module) -> None:
         """Raise a UserError naming the first adapter block that the UNet lacks or shapes differently."""

@@ -237,6 +237,23 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
         mixin = StableDiffusionXLLoraLoaderMixin if self.is_sdxl else StableDiffusionLoraLoaderMixin
         return mixin.load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
 
+    def load_ip_adapter(self, *args, **kwargs) -> None:
+        """diffusers' IP-Adapter loading, on the base UNet: diffusers numbers the UNet's attention processors
+        to place the IP-Adapter's weights, so the fusers' own attentions are detached meanwhile."""
+        self._without_fusers(IPAdapterMixin.load_ip_adapter, *args, **kwargs)
+
+    def unload_ip_adapter(self) -> None:
+        self._without_fusers(IPAdapterMixin.unload_ip_adapter)
+
+    def _without_fusers(self, method, *args, **kwargs):
+        if self.adapter is not None:
+            self.adapter.detach(self.unet)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            if self.adapter is not None:
+                self.adapter.attach(self.unet)
+
     def enable_vae_slicing(self) -> None:
         """Decode the images of a batch one at a time (less memory)."""
         self.vae.enable_slicing()
@@ -565,7 +582,7 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
             if inpainting is not None:
                 model_input = torch.cat([model_input, inpainting.condition(2 if guided else 1)], dim=1)
             if tokens is not None:
-                kwargs = self.adapter.cross_attention_kwargs(tokens, scales[step], **extra_kwargs)
+                kwargs = self.adapter.cross_attention_kwargs(tokens, scales[step], extra_kwargs)
             else:
                 kwargs = extra_kwargs or None
             noise_pred = self.unet(model_input, t, cross_attention_kwargs=kwargs, **unet_kwargs, **residuals).sample
@@ -723,6 +740,7 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
             else:
                 positive = self.image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
                 negative = self.image_encoder(torch.zeros_like(pixels), output_hidden_states=True).hidden_states[-2]
+            positive, negative = positive[None], negative[None]  # (1, images=1, ...), as diffusers lays them out
             out.append(torch.cat([negative, positive]) if guided else positive)
         return out
 
