@@ -151,10 +151,19 @@ def plain_config(obj: Any) -> Any:
     return None
 
 
-def gligen_config(checkpoint: dict) -> dict:
-    """The release's config (`config_dict`) as plain data over the SD-1.4 defaults; in_channels from the weights."""
+def gligen_config(checkpoint: dict, where: str = "checkpoint") -> dict:
+    """The release's config (`config_dict`) as plain data over the SD-1.4 defaults; in_channels from the weights.
+
+    A `config_dict` that is there but cannot be read as plain data is a UserError naming what it is,
+    not a silent fall back to the defaults (which would fail later as keys that do not map).
+    """
     config = copy.deepcopy(GLIGEN_SD14_CONFIG)
-    found = plain_config(checkpoint.get("config_dict"))
+    raw = checkpoint.get("config_dict")
+    found = plain_config(raw)
+    if raw is not None and not isinstance(found, dict):
+        kind = raw.qualname if isinstance(raw, Inert) else type(raw).__name__
+        raise UserError(f"{where}: its config_dict (a pickled {kind}) cannot be read as plain data, so the UNet's "
+                        "shape is unknown; use --trust-pickle only if you trust the file")
     for section in config:
         params = found.get(section, {}) if isinstance(found, dict) else {}
         params = params.get("params", {}) if isinstance(params, dict) else {}
@@ -323,7 +332,7 @@ def convert_official(
     """
     out = Path(out)
     checkpoint = read_official_checkpoint(path, trust_pickle)
-    config = gligen_config(checkpoint)
+    config = gligen_config(checkpoint, str(path))
     with atomic_directory(out) as tmp, tqdm(total=5 if full else 2, desc="convert", unit="step") as progress:
         unet = official_unet(checkpoint, config, f"{path} [model]")
         progress.update()
