@@ -342,21 +342,30 @@ def test_keypoint_training_lowers_the_loss_and_the_adapter_generates(keypoint_ru
     assert (tmp_path / "images" / "pose.overlay.png").is_file()
 
 
-def test_keypoints_change_what_a_keypoint_adapter_generates(keypoint_run, tmp_path):
+def test_generation_feeds_the_layout_keypoints_to_a_keypoint_adapter(keypoint_run, tmp_path):
     from gligen.pipeline import GligenPipeline
 
     adapter = GroundingAdapter.for_unet(UNet2DConditionModel.from_pretrained(keypoint_run["sd"] / "unet"),
                                         "keypoint", max_persons=2)
-    with torch.no_grad():
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # open gates and a position net far from its initialisation: keypoints show clearly
         for fuser in adapter.fusers:
             fuser.alpha_attn.fill_(1.0)
             fuser.alpha_dense.fill_(1.0)
+        for param in adapter.position_net.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator))
     adapter.save_pretrained(tmp_path / "adapter")
     pipe = GligenPipeline.from_pretrained(str(keypoint_run["sd"]), adapter=str(tmp_path / "adapter"))
-    layouts = [Layout("people", (Entity("person", (0.1, 0.1, 0.9, 0.9), keypoints=tuple((x, y, 2) for x, y in p)),),
-                      width=16, height=16) for p in (POSE, [(1 - x, y) for x, y in POSE])]
-    latents = [pipe([layout], num_inference_steps=2, output_type="latent") for layout in layouts]
-    assert (latents[0] - latents[1]).abs().max() > 1e-4
+    mirrored = [(1 - x, y) for x, y in POSE]
+    layouts = [Layout("people", (Entity("a dog", (0.0, 0.0, 0.2, 0.2)),
+                                 Entity("person", (0.1, 0.1, 0.9, 0.9), keypoints=tuple((x, y, 2) for x, y in p))),
+                      width=16, height=16) for p in (POSE, mirrored)]
+    inputs = pipe.grounding_inputs(layouts, 2)
+    assert inputs.points.shape == (2, 34, 2) and inputs.point_masks.tolist() == [[1] * 17 + [0] * 17] * 2
+    torch.testing.assert_close(inputs.points[:, :17], torch.tensor([POSE, mirrored]), rtol=0, atol=1e-7)
+    latents = [pipe([layout], num_inference_steps=2, schedule=(1.0, 0.0, 0.0), output_type="latent")[0]
+               for layout in layouts]
+    assert (latents[0] - latents[1]).abs().max() > 1e-3  # a mirrored pose moves the latents
 
 
 def test_overlay_draws_a_coco_skeleton():
