@@ -1,8 +1,9 @@
 """GroundingAdapter: everything GLIGEN adds to a frozen UNet, as one module and one file.
 
 It holds the position net (entities -> grounding tokens: text-box, text-image-box, or
-keypoint, `gligen.keypoints`), one gated self-attention per transformer block, and optionally the reference-image projection (text-image-box) and
-zero-initialised extra UNet input channels (inpainting on a 4-channel base).
+keypoint, `gligen.keypoints`), one gated self-attention per transformer block, and optionally
+the reference-image projection (text-image-box) and zero-initialised extra UNet input
+channels (inpainting on a 4-channel base).
 
 On disk: `adapter_config.json` + `adapter.safetensors`. Tensor names are those of a
 diffusers GLIGEN UNet (`position_net.*`, `<block path>.fuser.*`), so the adapter of a

@@ -5,7 +5,7 @@ Two sources:
   pipeline directory: the fusers and the position net move to an adapter, the rest is the base;
 - an official GLIGEN checkpoint (a pickled dict with `model`, `autoencoder`, `text_encoder`,
   `diffusion`, `config_dict`, LDM key names), read without running code from the file: the
-text-box, text-image-box (reference images and style) and keypoint releases.
+  text-box, text-image-box (reference images and style) and keypoint releases.
 """
 
 from __future__ import annotations

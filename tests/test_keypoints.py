@@ -491,3 +491,39 @@ def test_pose_model_without_keypoints_in_the_layouts_is_refused(tmp_path, capsys
     err = capsys.readouterr().err
     assert status == 1 and "--pose-model: no layout" in err and err.count("\n") == 1
     assert not (tmp_path / "score").exists()
+
+
+def test_generate_with_a_style_image(tmp_path, capsys):
+    from gligen.pipeline import GligenPipeline
+    from tests.tiny import randomize_grounding, tiny_image_encoder
+
+    sd = save_tiny_sd(tmp_path / "sd")
+    adapter = GroundingAdapter.for_unet(UNet2DConditionModel.from_pretrained(sd, subfolder="unet"), "text-image-box",
+                                        image_embed_dim=HIDDEN)
+    randomize_grounding(adapter)
+    adapter.save_pretrained(tmp_path / "adapter")
+    encoder, processor = tiny_image_encoder()
+    encoder.save_pretrained(tmp_path / "clip")
+    processor.save_pretrained(tmp_path / "clip")
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(tmp_path / "art.png")
+    plain = {"prompt": "a cat", "width": 16, "height": 16, "entities": [{"phrase": "a cat", "box": [0.1, 0.2, 0.5, 0.9]}]}
+    (tmp_path / "layouts").mkdir()
+    write_layout(tmp_path / "layouts" / "plain.json", plain)
+    write_layout(tmp_path / "layouts" / "styled.json", {**plain, "style": "../art.png"})
+    for name in ("plain", "styled"):
+        status = gligen_main(["generate", "--model", str(sd), "--adapter", str(tmp_path / "adapter"), "--image-encoder",
+                              str(tmp_path / "clip"), "--layout", str(tmp_path / "layouts" / f"{name}.json"), "--out",
+                              str(tmp_path / "out"), "--steps", "2", "--device", "cpu", "--schedule", "1,0,0"])
+        assert status == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "out" / "styled.json").read_text())
+    assert record["layout"]["style"] == str(tmp_path / "layouts" / ".." / "art.png")
+    styled, unstyled = (np.asarray(Image.open(tmp_path / "out" / f"{n}.png"), dtype=int) for n in ("styled", "plain"))
+    assert np.abs(styled - unstyled).max() > 0  # the style token changes the image
+
+    pipe = GligenPipeline.from_pretrained(str(sd), adapter=str(tmp_path / "adapter"), image_encoder=str(tmp_path / "clip"))
+    layout = load_layouts(tmp_path / "layouts" / "styled.json")[0]
+    inputs = pipe.grounding_inputs([layout], 3)
+    assert inputs.boxes[0, 1].tolist() == list(STYLE_BOX)  # the slot after the entities
+    assert inputs.masks[0].tolist() == [1, 1, 0] and inputs.image_masks[0].tolist() == [0, 1, 0]
+    assert inputs.phrase_masks[0].tolist() == [1, 0, 0]
+    assert inputs.image_embeds[0, 1].norm() == pytest.approx(28.7, rel=1e-4)
