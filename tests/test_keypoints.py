@@ -495,16 +495,10 @@ def test_pose_model_without_keypoints_in_the_layouts_is_refused(tmp_path, capsys
 
 def test_generate_with_a_style_image(tmp_path, capsys):
     from gligen.pipeline import GligenPipeline
-    from tests.tiny import randomize_grounding, tiny_image_encoder
+    from tests.tiny import save_text_image_box_adapter
 
     sd = save_tiny_sd(tmp_path / "sd")
-    adapter = GroundingAdapter.for_unet(UNet2DConditionModel.from_pretrained(sd, subfolder="unet"), "text-image-box",
-                                        image_embed_dim=HIDDEN)
-    randomize_grounding(adapter)
-    adapter.save_pretrained(tmp_path / "adapter")
-    encoder, processor = tiny_image_encoder()
-    encoder.save_pretrained(tmp_path / "clip")
-    processor.save_pretrained(tmp_path / "clip")
+    save_text_image_box_adapter(sd, tmp_path)
     Image.fromarray(np.random.default_rng(2).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(tmp_path / "art.png")
     plain = {"prompt": "a cat", "width": 16, "height": 16, "entities": [{"phrase": "a cat", "box": [0.1, 0.2, 0.5, 0.9]}]}
     (tmp_path / "layouts").mkdir()
