@@ -521,3 +521,19 @@ def test_generate_with_a_style_image(tmp_path, capsys):
     assert inputs.masks[0].tolist() == [1, 1, 0] and inputs.image_masks[0].tolist() == [0, 1, 0]
     assert inputs.phrase_masks[0].tolist() == [1, 0, 0]
     assert inputs.image_embeds[0, 1].norm() == pytest.approx(28.7, rel=1e-4)
+
+
+def test_style_crop_in_training_follows_style_prob():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    sample = Sample("k", image, "a cat", [Entity("a cat", (0.1, 0.1, 0.6, 0.6))] * 3)
+    always = DataConfig(shards="x", resolution=40, random_flip=False, caption_drop=0.0, style_prob=1.0, max_entities=3)
+    out = augment(sample, always, random.Random(0), with_references=True)
+    assert out.style is not None and 20 <= out.style.width == out.style.height <= 40
+    found = np.asarray(image)  # the style is a crop of the (uncropped, unflipped) training image itself
+    crop = np.asarray(out.style)
+    assert any(np.array_equal(found[y:y + crop.shape[0], x:x + crop.shape[1]], crop)
+               for y in range(41 - crop.shape[0]) for x in range(41 - crop.shape[1]))
+    assert len(out.boxes) == 2  # the style token takes one of the max_entities slots
+    never = DataConfig(shards="x", resolution=40, random_flip=False, caption_drop=0.0, style_prob=0.0, max_entities=3)
+    assert augment(sample, never, random.Random(0), with_references=True).style is None
+    assert augment(sample, always, random.Random(0)).style is None  # text-box training: no style

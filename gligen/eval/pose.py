@@ -47,10 +47,12 @@ class PoseEstimator:
     def from_pretrained(cls, path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
                         ) -> PoseEstimator:
         """A VitPose directory (`config.json`, weights, `preprocessor_config.json`), or a hub id."""
-        from transformers import AutoImageProcessor, VitPoseForPoseEstimation
-
         try:
-            model = VitPoseForPoseEstimation.from_pretrained(path, torch_dtype=dtype).to(device).eval()
+            from transformers import AutoImageProcessor, VitPoseForPoseEstimation
+        except ImportError:
+            raise UserError("--pose-model needs transformers >= 4.48 (VitPoseForPoseEstimation)") from None
+        try:
+            model = VitPoseForPoseEstimation.from_pretrained(path, dtype=dtype).to(device).eval()
             processor = AutoImageProcessor.from_pretrained(path)
         except (OSError, ValueError) as error:
             raise UserError(f"--pose-model {path}: cannot load a VitPose model ({str(error).splitlines()[0]})") from None
