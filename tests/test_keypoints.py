@@ -1,5 +1,6 @@
 """GLIGEN's keypoint and style conditions: layouts, official conversion, training, overlays and keypoint AP."""
 
+import dataclasses
 import json
 import math
 import random
@@ -263,6 +264,18 @@ def test_from_coco_keypoints_writes_persons_with_their_keypoints(keypoint_run):
                                                if flat[3 * k + 2]], atol=1e-6)
     summary = json.loads((keypoint_run["shards"] / "summary.json").read_text())
     assert "person with fewer than 3 keypoints" in json.dumps(summary)
+
+    # beside an instances file the persons of the same annotation ids carry their keypoints; the rest stay boxes
+    instances = dict(coco, annotations=[{k: v for k, v in a.items() if k not in ("keypoints", "num_keypoints")}
+                                        for a in coco["annotations"]])
+    (keypoint_run["root"] / "instances.json").write_text(json.dumps(instances))
+    out = keypoint_run["root"] / "merged"
+    assert gligen_main(["data", "from-coco", str(keypoint_run["root"] / "instances.json"),
+                        str(keypoint_run["root"] / "images"), "--keypoints", str(keypoint_run["coco"]),
+                        "--min-keypoints", "3", "--out", str(out)]) == 0
+    merged = next(iter(ShardDataset(dataclasses.replace(config, shards=str(out)), batch_size=6, seed=0)))
+    assert [[k is not None for k in persons] for persons in merged["keypoints"]] == \
+        [[a["num_keypoints"] >= 3 for a in coco["annotations"] if a["image_id"] == image["id"]] for image in coco["images"]]
 
 
 def test_flip_swaps_left_and_right_keypoints():
