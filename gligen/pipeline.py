@@ -39,7 +39,8 @@ from gligen.base import FrozenBase, load_component, load_image_encoder, model_in
 from gligen.bundled import DEMO, resolve_model
 from gligen.errors import UserError
 from gligen.files import open_image
-from gligen.grounding import GroundingInputs, encode_images, pad_entities, scatter_embeds
+from gligen.grounding import GroundingInputs, add_style, encode_images, pad_entities, scatter_embeds
+from gligen.keypoints import check_persons, keypoint_tensors
 from gligen.layout import MAX_ENTITIES, Layout
 from gligen.prompts import PromptEmbeds, PromptEncoder, time_ids
 from gligen.schedule import DEFAULT_SCHEDULE, Schedule, grounding_scales
@@ -238,14 +239,15 @@ class GligenPipeline:
             raise UserError("this model does not inpaint: its UNet does not take the 9-channel inpainting input")
         if self.inpaints and not inpainting:
             raise UserError("this model inpaints: give an image to repaint (--inpaint-image)")
-        with_images = [e.image for layout in layouts for e in layout.entities if e.image]
-        if not with_images:
-            return
-        if self.adapter is None or self.adapter.config.feature_type != "text-image-box":
-            warnings.warn(f"reference images (such as {with_images[0]}) are ignored: the model grounds text and "
-                          "boxes only", stacklevel=2)
-        elif self.image_encoder is None:
-            raise UserError(f"reference image {with_images[0]} needs an image encoder (give --image-encoder)")
+        feature_type = self.adapter.config.feature_type if self.adapter is not None else None
+        images = [e.image for layout in layouts for e in layout.entities if e.image]
+        images += [layout.style for layout in layouts if layout.style]
+        if images and feature_type != "text-image-box":
+            warnings.warn(f"reference and style images (such as {images[0]}) are ignored: the model grounds no "
+                          "images", stacklevel=2)
+        elif images and self.image_encoder is None:
+            raise UserError(f"image {images[0]} needs an image encoder (give --image-encoder)")
+        check_persons(layouts, self.adapter.config.max_persons if feature_type == "keypoint" else None)
 
     def _generate(self, layouts, num_steps, guidance_scale, schedule, inpaint_images, output_type, slots, eta,
                   progress) -> list:
@@ -321,6 +323,14 @@ class GligenPipeline:
         inputs = GroundingInputs(boxes, masks, phrase_embeds.to(self.dtype))
         if self.adapter.config.feature_type == "text-image-box":
             inputs.image_embeds, inputs.image_masks = self.reference_embeds(layouts, slots, phrase_embeds.shape[-1])
+            styles = [open_image(layout.style) for layout in layouts if layout.style]
+            if styles:
+                embeds = encode_images(self.image_encoder, self.image_processor, self.adapter.image_projection, styles)
+                add_style(inputs, [len(layout.entities) if layout.style else None for layout in layouts], embeds)
+        if self.adapter.config.feature_type == "keypoint":
+            people = [[(e.box, e.keypoints) for e in layout.entities] for layout in layouts]
+            inputs.points, inputs.point_masks = keypoint_tensors(people, self.adapter.config.max_persons, self.device,
+                                                                 self.dtype)
         return inputs
 
     def reference_embeds(self, layouts: Sequence[Layout], slots: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
