@@ -1,8 +1,9 @@
 """GroundingAdapter: everything GLIGEN adds to a frozen UNet, as one module and one file.
 
-It holds the position net (entities -> grounding tokens), one gated self-attention per
-transformer block, and optionally the reference-image projection (text-image-box) and
-zero-initialised extra UNet input channels (inpainting on a 4-channel base).
+It holds the position net (entities -> grounding tokens: text-box, text-image-box, or
+keypoint, `gligen.keypoints`), one gated self-attention per transformer block, and optionally
+the reference-image projection (text-image-box) and zero-initialised extra UNet input
+channels (inpainting on a 4-channel base).
 
 On disk: `adapter_config.json` + `adapter.safetensors`. Tensor names are those of a
 diffusers GLIGEN UNet (`position_net.*`, `<block path>.fuser.*`), so the adapter of a
@@ -27,10 +28,11 @@ from gligen.errors import UserError
 from gligen.files import atomic_path, read_json, write_json
 from gligen.fuser import GatedSelfAttention, attach_fusers, block_shape, detach_fusers, transformer_blocks
 from gligen.grounding import GroundingInputs, TextBoxPositionNet, TextImageBoxPositionNet
+from gligen.keypoints import MAX_PERSONS, KeypointPositionNet
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
-FEATURE_TYPES = ("text-box", "text-image-box")
+FEATURE_TYPES = ("text-box", "text-image-box", "keypoint")
 PHRASE_EMBEDDINGS = ("pooler_output", "projected")
 
 
@@ -43,7 +45,8 @@ class AdapterConfig:
     pooled output), `cross_attention_dim` the token size. `image_embed_dim` is the CLIP
     image embedding size (text-image-box only); `extra_in_channels` the zero-initialised
     UNet input channels added for inpainting (0 when the base already takes them);
-    `max_entities` the number of grounding slots the adapter was trained with.
+    `max_entities` the number of grounding slots the adapter was trained with; `max_persons`
+    the number of persons a keypoint adapter grounds (17 tokens each; keypoint only).
     `phrase_embedding` is the phrase feature it was trained with: "pooler_output" (each text
     encoder's pooled output before any projection, as official GLIGEN) or "projected" (SDXL, as
     GLIGEN-XL: the first encoder's pooled output and the second's projected `text_embeds`).
@@ -58,6 +61,7 @@ class AdapterConfig:
     extra_in_channels: int = 0
     max_entities: int = 30
     base_model: str | None = None
+    max_persons: int | None = None
     phrase_embedding: str = "pooler_output"
 
     def __post_init__(self):
@@ -65,6 +69,8 @@ class AdapterConfig:
             raise UserError(f"adapter feature_type must be one of {FEATURE_TYPES}, got {self.feature_type!r}")
         if self.phrase_embedding not in PHRASE_EMBEDDINGS:
             raise UserError(f"adapter phrase_embedding must be one of {PHRASE_EMBEDDINGS}, got {self.phrase_embedding!r}")
+        if self.feature_type == "keypoint" and self.max_persons is None:
+            self.max_persons = MAX_PERSONS
         self.blocks = {path: tuple(shape) for path, shape in self.blocks.items()}
 
     @classmethod
@@ -96,6 +102,7 @@ class AdapterConfig:
             "image_embed_dim": (lambda v: v is None or _positive(v), "a positive integer or null"),
             "extra_in_channels": (lambda v: _positive(v) or v == 0 and not isinstance(v, bool), "0 or a positive integer"),
             "base_model": (lambda v: v is None or isinstance(v, str), "a string or null"),
+            "max_persons": (lambda v: v is None or _positive(v), "a positive integer or null"),
         }
         for key, (valid, wanted) in checks.items():
             if key in data and not valid(data[key]):
@@ -143,8 +150,11 @@ class GroundingAdapter(nn.Module):
     def __init__(self, config: AdapterConfig):
         super().__init__()
         self.config = config
-        net = TextBoxPositionNet if config.feature_type == "text-box" else TextImageBoxPositionNet
-        self.position_net = net(config.positive_len, config.cross_attention_dim, config.fourier_freqs)
+        if config.feature_type == "keypoint":
+            self.position_net = KeypointPositionNet(config.max_persons, config.cross_attention_dim, config.fourier_freqs)
+        else:
+            net = TextBoxPositionNet if config.feature_type == "text-box" else TextImageBoxPositionNet
+            self.position_net = net(config.positive_len, config.cross_attention_dim, config.fourier_freqs)
         self.block_paths = list(config.blocks)
         self.fusers = nn.ModuleList(
             GatedSelfAttention(dim, config.cross_attention_dim, heads, head_dim)
@@ -187,13 +197,15 @@ class GroundingAdapter(nn.Module):
     # --- grounding tokens and the UNet ---
 
     def tokens(self, inputs: GroundingInputs) -> torch.Tensor:
-        """Grounding tokens (B, N, C) for text-box, (B, 2N, C) for text-image-box.
+        """Grounding tokens (B, N, C) for text-box, (B, 2N, C) for text-image-box, (B, 17 max_persons, C) for keypoint.
 
-        A text-image-box entity whose phrase mask is 0 (an image without a phrase, as official
+        A text-image-box slot whose phrase mask is 0 (an image without a phrase, as official
         GLIGEN's style token) gets the null text feature.
         """
         if self.config.feature_type == "text-box":
             return self.position_net(inputs.boxes, inputs.masks, inputs.phrase_embeds)
+        if self.config.feature_type == "keypoint":
+            return self.position_net(inputs.points, inputs.point_masks)
         image_embeds = inputs.image_embeds
         if image_embeds is None:
             image_embeds = torch.zeros_like(inputs.phrase_embeds)

@@ -4,7 +4,8 @@ Two sources:
 - a diffusers GLIGEN UNet (`attention_type` "gated" or "gated-text-image"), alone or inside a
   pipeline directory: the fusers and the position net move to an adapter, the rest is the base;
 - an official GLIGEN checkpoint (a pickled dict with `model`, `autoencoder`, `text_encoder`,
-  `diffusion`, `config_dict`, LDM key names), read without running code from the file.
+  `diffusion`, `config_dict`, LDM key names), read without running code from the file: the
+  text-box, text-image-box (reference images and style) and keypoint releases.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from gligen.adapter import GroundingAdapter, check_tensors
 from gligen.errors import UserError
 from gligen.files import Output, atomic_directory, write_json
 from gligen.fuser import detach_fusers
+from gligen.keypoints import KeypointPositionNet
 from gligen.safe_pickle import Inert, inert_objects, load_checkpoint
 
 GLIGEN_ATTENTION_TYPES = {"gated": "text-box", "gated-text-image": "text-image-box"}
@@ -72,10 +74,14 @@ def split_gligen_unet(
     if attention_type not in GLIGEN_ATTENTION_TYPES:
         raise UserError(f"UNet has attention_type {attention_type!r}, not a GLIGEN UNet ('gated' or 'gated-text-image')")
     feature_type = GLIGEN_ATTENTION_TYPES[attention_type]
+    keypoint = {}
+    if isinstance(unet.position_net, KeypointPositionNet):  # an official keypoint release (`official_unet`)
+        feature_type, keypoint = "keypoint", {"max_persons": unet.position_net.max_persons}
     projection = image_projection.weight if image_projection is not None else None
     adapter = GroundingAdapter.for_unet(
-        unet, feature_type, positive_len=unet.position_net.positive_len,
+        unet, feature_type, positive_len=getattr(unet.position_net, "positive_len", None),
         image_embed_dim=projection.shape[1] if projection is not None else None, phrase_embedding=phrase_embedding,
+        **keypoint,
     )
     state = {k: v for k, v in unet.state_dict().items() if is_grounding_key(k)}
     if feature_type == "text-image-box":
@@ -196,18 +202,26 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], where: str) 
     module.load_state_dict(state)
 
 
-def _build(model_class: type, config: dict, source: dict, converted: dict, where: str) -> nn.Module:
-    """`model_class(**config)` holding `converted`; a UserError names the first `source` tensor left unmapped."""
+def _build(model_class: type, config: dict, source: dict, converted: dict, where: str,
+           position_net: nn.Module | None = None) -> nn.Module:
+    """`model_class(**config)` holding `converted`, with `position_net` (when given) in place of its own;
+    a UserError names the first `source` tensor left unmapped."""
     unmapped = _first_unmapped(source, converted)
     if unmapped is not None:
         raise UserError(f"{where}: key {unmapped} does not map to a diffusers {model_class.__name__}")
     model = model_class(**config)
+    if position_net is not None:
+        model.position_net = position_net
     _load_strict(model, converted, where)
     return model.eval()
 
 
 def official_unet(checkpoint: dict, config: dict, where: str = "model") -> UNet2DConditionModel:
-    """The release's `model` (LDM names) as a diffusers GLIGEN UNet (attention_type gated / gated-text-image)."""
+    """The release's `model` (LDM names) as a diffusers GLIGEN UNet (attention_type gated / gated-text-image).
+
+    A keypoint release's UNet is a gated one whose position net is a `KeypointPositionNet`
+    (diffusers calls it with the `gligen` keyword arguments `points` and `masks`).
+    """
     state = checkpoint["model"]
     strange = next((k for k in state if not k.startswith(UNET_PREFIXES)), None)
     if strange is not None:
@@ -218,7 +232,17 @@ def official_unet(checkpoint: dict, config: dict, where: str = "model") -> UNet2
     unet_config["attention_type"] = "gated-text-image" if image else "gated"
     converted = convert_ldm_unet_checkpoint(prefixed, unet_config)
     converted.update({k: v for k, v in state.items() if k.startswith("position_net.")})
-    return _build(UNet2DConditionModel, unet_config, state, converted, where)
+    return _build(UNet2DConditionModel, unet_config, state, converted, where, keypoint_position_net(state))
+
+
+def keypoint_position_net(state: dict[str, torch.Tensor]) -> KeypointPositionNet | None:
+    """The position net of an official keypoint release (shaped by its tensors), None for other releases."""
+    persons = state.get("position_net.person_embeddings")
+    if persons is None:
+        return None
+    null_xy = state.get("position_net.null_xy_feature")
+    freqs = null_xy.shape[0] // 4 if null_xy is not None else 8  # sin and cos of x and y per frequency
+    return KeypointPositionNet(persons.shape[0], persons.shape[1], freqs)
 
 
 def official_vae(checkpoint: dict, config: dict, where: str = "autoencoder") -> AutoencoderKL:

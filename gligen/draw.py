@@ -1,11 +1,16 @@
-"""Pictures for people: labelled box overlays and sample grids."""
+"""Pictures for people: labelled box overlays (with keypoint skeletons) and sample grids."""
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
+
+from gligen.pose import SKELETON, Keypoints
+
+if TYPE_CHECKING:
+    from gligen.layout import Layout
 
 PALETTE = [
     (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -20,8 +25,10 @@ def draw_boxes(
     normalized: bool = True,
     colors: Sequence[tuple[int, int, int]] | None = None,
     min_side: int = 256,
+    keypoints: Sequence[Keypoints | None] | None = None,
 ) -> Image.Image:
-    """A copy of `image` with each xyxy box outlined and labelled (colour i for box i).
+    """A copy of `image` with each xyxy box outlined and labelled (colour i for box i), and the
+    normalized `keypoints` of box i, when given, drawn as a COCO skeleton in its colour.
 
     An image whose shorter side is under `min_side` is first enlarged by a whole factor
     (nearest neighbour, so its pixels stay visible as they are) to make the labels legible;
@@ -43,7 +50,27 @@ def draw_boxes(
         ty = max(0.0, y0 - (ty1 - ty0) - 2)
         draw.rectangle([x0, ty, x0 + (tx1 - tx0) + 4, ty + (ty1 - ty0) + 2], fill=color)
         draw.text((x0 + 2, ty), label, fill=(255, 255, 255), font=font)
+        if keypoints is not None and i < len(keypoints) and keypoints[i] is not None:
+            _skeleton(draw, keypoints[i], w, h, color, width)
     return out
+
+
+def _skeleton(draw: ImageDraw.ImageDraw, keypoints: Keypoints, w: int, h: int, color, width: int) -> None:
+    """The limbs between given points and a dot on each given point (normalized keypoints on a w x h picture)."""
+    points = [(x * w, y * h) if v else None for x, y, v in keypoints]
+    for a, b in SKELETON:
+        if points[a] is not None and points[b] is not None:
+            draw.line([points[a], points[b]], fill=color, width=width)
+    radius = width + 1
+    for point in points:
+        if point is not None:
+            x, y = point
+            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=color, outline=(255, 255, 255))
+
+
+def draw_layout(image: Image.Image, layout: Layout) -> Image.Image:
+    """`image` with the layout's labelled boxes and its persons' skeletons."""
+    return draw_boxes(image, layout.boxes, layout.phrases, keypoints=[e.keypoints for e in layout.entities])
 
 
 def make_grid(images: Sequence[Image.Image], columns: int | None = None, pad: int = 2) -> Image.Image:

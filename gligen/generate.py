@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from gligen.commands import fraction, number, positive_int, seed
 from gligen.devices import DTYPES, parse_device, parse_dtype
-from gligen.draw import draw_boxes
+from gligen.draw import draw_layout
 from gligen.errors import progress, require
 from gligen.files import Output, open_image, save_image, write_json
 from gligen.layout import MAX_ENTITIES, MAX_SIDE, SEED_MAX, Entity, Layout, load_layouts
@@ -104,10 +104,10 @@ def run(args: argparse.Namespace) -> None:
     if jobs is None:
         jobs = _layout_from_image(args, detector)
     jobs = [Job(job.name, _prepared(job.layout, args)) for job in jobs]
-    for job in jobs:
-        for entity in job.layout.entities:
-            if entity.image:
-                open_image(entity.image)
+    for job in jobs:  # every image readable before the model loads
+        styles = [job.layout.style] if job.layout.style else []
+        for path in [e.image for e in job.layout.entities if e.image] + styles:
+            open_image(path)
     out = Path(args.out)
     todo = [job for job in jobs if not ((out / f"{job.name}.png").is_file() and (out / f"{job.name}.json").is_file())]
     if len(todo) < len(jobs):
@@ -289,7 +289,7 @@ def _write(out: Path, job: Job, candidates: list[Candidate], args, settings: dic
     best = max(candidates, key=lambda c: c.score)  # max keeps the first of equal scores
     save_image(out / f"{job.name}.png", best.image)
     if args.overlay:
-        save_image(out / f"{job.name}.overlay.png", draw_boxes(best.image, best.layout.boxes, best.layout.phrases))
+        save_image(out / f"{job.name}.overlay.png", draw_layout(best.image, best.layout))
     record: dict[str, Any] = {
         "image": f"{job.name}.png",
         "overlay": f"{job.name}.overlay.png" if args.overlay else None,

@@ -20,7 +20,7 @@ from gligen.layout import Layout
 
 
 def fourier_embed(boxes: torch.Tensor, num_freqs: int = 8) -> torch.Tensor:
-    """Fourier features of boxes: (B, N, 4) normalized xyxy -> (B, N, num_freqs * 2 * 4).
+    """Fourier features of boxes: (B, N, 4) normalized xyxy -> (B, N, num_freqs * 2 * 4); of points (B, N, 2) likewise.
 
     Frequencies are `100 ** (k / num_freqs)`; the output order (frequency, sin/cos, coordinate)
     is diffusers' `get_fourier_embeds_from_boundingbox`, which the released weights expect.
@@ -28,7 +28,7 @@ def fourier_embed(boxes: torch.Tensor, num_freqs: int = 8) -> torch.Tensor:
     freqs = 100 ** (torch.arange(num_freqs, device=boxes.device) / num_freqs)
     angles = freqs.to(boxes.dtype) * boxes.unsqueeze(-1)  # B, N, 4, F
     features = torch.stack((angles.sin(), angles.cos()), dim=-1)  # B, N, 4, F, 2
-    return features.permute(0, 1, 3, 4, 2).reshape(*boxes.shape[:2], num_freqs * 8)
+    return features.permute(0, 1, 3, 4, 2).reshape(*boxes.shape[:2], -1)
 
 
 def _mlp(in_dim: int, out_dim: int) -> nn.Sequential:
@@ -95,8 +95,9 @@ class GroundingInputs:
     """Padded per-entity inputs of a batch of layouts.
 
     boxes (B,N,4) normalized xyxy, masks (B,N) 1 for real entities; phrase_embeds (B,N,D);
-    image_embeds (B,N,D) and image_masks (B,N) for text-image-box grounding only; phrase_masks
-    (B,N), when given, 0 for entities without a phrase (image-only entities), else `masks` serve.
+    image_embeds (B,N,D) and image_masks (B,N) for text-image-box grounding only, with
+    phrase_masks (B,N) where a slot's phrase is masked but its box is not (a style token; None:
+    the masks). points (B,S,2) and point_masks (B,S) for keypoint grounding (`gligen.keypoints`).
     """
 
     boxes: torch.Tensor
@@ -105,6 +106,8 @@ class GroundingInputs:
     image_embeds: torch.Tensor | None = None
     image_masks: torch.Tensor | None = None
     phrase_masks: torch.Tensor | None = None
+    points: torch.Tensor | None = None
+    point_masks: torch.Tensor | None = None
 
     def with_null_half(self) -> GroundingInputs:
         """[null grounding; this] along the batch: the unconditional half of classifier-free guidance."""
@@ -117,6 +120,7 @@ class GroundingInputs:
         return GroundingInputs(
             twice(self.boxes), null_then(self.masks), twice(self.phrase_embeds),
             twice(self.image_embeds), null_then(self.image_masks), null_then(self.phrase_masks),
+            twice(self.points), null_then(self.point_masks),
         )
 
 
@@ -135,6 +139,26 @@ def encode_images(image_encoder: nn.Module, image_processor, image_projection: n
     pixels = image_processor(images=list(images), return_tensors="pt").pixel_values
     embeds = image_projection(image_encoder(pixel_values=pixels.to(device, image_encoder.dtype)).image_embeds)
     return embeds / embeds.norm(dim=-1, keepdim=True) * IMAGE_EMBED_NORM
+
+
+# The style token's box: official GLIGEN's dummy location [0, 1, 0, 1] (x0 = x1 = 0, y0 = y1 = 1).
+STYLE_BOX = (0.0, 1.0, 0.0, 1.0)
+
+
+def add_style(inputs: GroundingInputs, slots: Sequence[int | None], embeds: torch.Tensor) -> None:
+    """Put a style token into the text-image-box `inputs`, in place: one per row whose slot is given.
+
+    Row b's style takes slot `slots[b]` (the one after its entities): the dummy box `STYLE_BOX`,
+    its phrase masked and its image (`embeds`, one row per given slot, as `encode_images` gives) shown.
+    """
+    if inputs.phrase_masks is None:
+        inputs.phrase_masks = inputs.masks.clone()
+    styled = [(b, slot) for b, slot in enumerate(slots) if slot is not None]
+    for (b, slot), embed in zip(styled, embeds, strict=True):
+        inputs.boxes[b, slot] = torch.tensor(STYLE_BOX, dtype=inputs.boxes.dtype)
+        inputs.image_embeds[b, slot] = embed
+        inputs.masks[b, slot] = inputs.image_masks[b, slot] = 1
+        inputs.phrase_masks[b, slot] = 0
 
 
 def pad_entities(

@@ -8,6 +8,11 @@ which case they are divided by the layout's width and height on load.
      "entities": [{"phrase": "a cat", "box": [0.1, 0.35, 0.45, 0.9]},
                   {"phrase": "a dog", "box": [0.5, 0.3, 0.95, 0.9], "image": "dog.jpg"}]}
 
+An entity may carry `keypoints` (17 COCO points [x, y] or [x, y, v], in the box units; v = 0:
+not given): its box, when missing, is that of its given points, and its phrase, when missing,
+is "person". A layout may carry `style`, an image whose style the picture takes (text-image-box
+models). Image paths are relative to the layout file.
+
 A `.json` file holds one layout (or a list of them), a `.jsonl` file one layout per line.
 """
 
@@ -22,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from gligen.errors import UserError
+from gligen.pose import KEYPOINT_NAMES, NUM_KEYPOINTS, Keypoints, given_points
 
 Box = tuple[float, float, float, float]
 Span = tuple[int, int]
@@ -30,7 +36,8 @@ MAX_ENTITIES = 30  # the released GLIGEN models were trained with at most 30 gro
 MAX_SIDE = 4096  # default limit on a layout's width and height, in pixels (`--max-side`)
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 
-_LAYOUT_KEYS = {"prompt", "negative_prompt", "width", "height", "seed", "entities", "box_units"}
+_LAYOUT_KEYS = {"prompt", "negative_prompt", "width", "height", "seed", "entities", "box_units", "style"}
+KEYPOINT_PHRASE = "person"  # the phrase of an entity given by its keypoints alone
 
 
 class LayoutError(UserError):
@@ -39,16 +46,18 @@ class LayoutError(UserError):
 
 @dataclass(frozen=True)
 class Entity:
-    """One thing to place: a phrase, its normalized xyxy box, optionally a reference image.
+    """One thing to place: a phrase, its normalized xyxy box, optionally a reference image and keypoints.
 
     `spans` are character spans of the phrase in the layout's prompt (`tokens_positive` in
-    grounding data), when known.
+    grounding data), when known. `keypoints` are a person's 17 normalized (x, y, v) in COCO's
+    order (`gligen.pose`).
     """
 
     phrase: str
     box: Box
     image: str | None = None
     spans: tuple[Span, ...] | None = None
+    keypoints: Keypoints | None = None
 
     @property
     def area(self) -> float:
@@ -61,12 +70,14 @@ class Entity:
             out["image"] = self.image
         if self.spans is not None:
             out["tokens_positive"] = [list(s) for s in self.spans]
+        if self.keypoints is not None:
+            out["keypoints"] = [[round(x, 6), round(y, 6), v] for x, y, v in self.keypoints]
         return out
 
 
 @dataclass(frozen=True)
 class Layout:
-    """A prompt and the entities to place. Extra keys of the file are kept in `meta`."""
+    """A prompt and the entities to place, optionally a style image. Extra keys of the file are kept in `meta`."""
 
     prompt: str
     entities: tuple[Entity, ...] = ()
@@ -75,6 +86,7 @@ class Layout:
     height: int = 512
     seed: int = 0
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    style: str | None = None
 
     @property
     def phrases(self) -> list[str]:
@@ -90,13 +102,16 @@ class Layout:
         return [(x0 * w, y0 * h, x1 * w, y1 * h) for x0, y0, x1, y1 in self.boxes]
 
     def keep_largest(self, max_entities: int = MAX_ENTITIES) -> Layout:
-        """The layout with only its `max_entities` largest entities, in their original order."""
-        if len(self.entities) <= max_entities:
+        """The layout with only its largest entities, in their original order: `max_entities` of
+        them, one fewer with a style image (its token takes one of the grounding slots)."""
+        limit = max_entities - (self.style is not None)
+        if len(self.entities) <= limit:
             return self
         by_area = sorted(range(len(self.entities)), key=lambda i: -self.entities[i].area)
-        kept = sorted(by_area[:max_entities])
+        kept = sorted(by_area[:limit])
+        styled = " and a style image" if self.style is not None else ""
         warnings.warn(
-            f"layout {self.prompt!r} has {len(self.entities)} entities; keeping the {max_entities} largest",
+            f"layout {self.prompt!r} has {len(self.entities)} entities{styled}; keeping the {limit} largest",
             stacklevel=2,
         )
         return replace(self, entities=tuple(self.entities[i] for i in kept))
@@ -111,6 +126,8 @@ class Layout:
             seed=self.seed,
             entities=[e.to_dict() for e in self.entities],
         )
+        if self.style is not None:
+            out["style"] = self.style
         return out
 
     @classmethod
@@ -145,8 +162,11 @@ class Layout:
         ):
             warnings.warn(f"{where}: every box is smaller than 1 pixel although 'box_units' is 'pixels'; "
                           "are these normalized numbers? (then drop 'box_units')", stacklevel=2)
+        style = data.get("style")
+        if style is not None:
+            style = _image_path(style, where, base_dir, "style", "style image")
         meta = {k: v for k, v in data.items() if k not in _LAYOUT_KEYS}
-        return cls(prompt, entities, negative, width, height, seed, meta)
+        return cls(prompt, entities, negative, width, height, seed, meta, style)
 
 
 def _json_type(value: Any) -> str:
@@ -197,6 +217,8 @@ def _entity(raw: Any, where: str, scale: tuple, base_dir: str | os.PathLike | No
     if not isinstance(raw, dict):
         raise LayoutError(f"{where}: expected an object with 'phrase' and 'box', got {_json_type(raw)}")
     phrase = raw.get("phrase")
+    if phrase is None and raw.get("keypoints") is not None:
+        phrase = KEYPOINT_PHRASE
     if phrase is None:
         raise LayoutError(f"{where}: 'phrase' is missing")
     if not isinstance(phrase, str):
@@ -204,7 +226,22 @@ def _entity(raw: Any, where: str, scale: tuple, base_dir: str | os.PathLike | No
     if not phrase.strip():
         raise LayoutError(f"{where}: empty phrase")
     where = f"{where} ({_short(phrase.strip())})"
+    keypoints = raw.get("keypoints")
+    if keypoints is not None:
+        keypoints = _keypoints(keypoints, where, scale)
     box = raw.get("box")
+    if box is None and keypoints is not None:
+        box = _box_of(keypoints, where)
+    else:
+        box = _box(box, where, scale)
+    image = raw.get("image")
+    if image is not None:
+        image = _image_path(image, where, base_dir, "image", "reference image")
+    return Entity(phrase.strip(), box, image, _spans(raw.get("tokens_positive"), where, text), keypoints)
+
+
+def _box(box: Any, where: str, scale: tuple) -> Box:
+    """A box of the file, checked and normalized."""
     if not isinstance(box, (list, tuple)) or len(box) != 4:
         raise LayoutError(f"{where}: 'box' must be 4 numbers [x0, y0, x1, y1], got {_short(box)}")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
@@ -219,19 +256,58 @@ def _entity(raw: Any, where: str, scale: tuple, base_dir: str | os.PathLike | No
         raise LayoutError(f"{where}: box {_short(box)} has x1 <= x0")
     if y1 <= y0:
         raise LayoutError(f"{where}: box {_short(box)} has y1 <= y0")
-    image = raw.get("image")
-    if image is not None:
-        if not isinstance(image, str) or not image or "\0" in image:
-            raise LayoutError(f"{where}: 'image' must be a path, got {_short(image)}")
-        path = Path(base_dir or ".") / image
-        try:
-            found = path.is_file()
-        except (OSError, ValueError):
-            found = False
-        if not found:
-            raise LayoutError(f"{where}: reference image not found: {path}")
-        image = str(path)
-    return Entity(phrase.strip(), (x0, y0, x1, y1), image, _spans(raw.get("tokens_positive"), where, text))
+    return (x0, y0, x1, y1)
+
+
+def _keypoints(raw: Any, where: str, scale: tuple) -> Keypoints:
+    """17 [x, y] or [x, y, v] entries of the file -> normalized (x, y, v); a point not given becomes (0, 0, 0)."""
+    if not isinstance(raw, (list, tuple)) or len(raw) != NUM_KEYPOINTS:
+        got = f"{len(raw)} entries" if isinstance(raw, (list, tuple)) else _json_type(raw)
+        raise LayoutError(f"{where}: 'keypoints' must be {NUM_KEYPOINTS} [x, y] or [x, y, v] entries in COCO order "
+                          f"({', '.join(KEYPOINT_NAMES[:3])}, ...), got {got}")
+    points = []
+    for k, point in enumerate(raw):
+        at = f"{where}: keypoint {k} ({KEYPOINT_NAMES[k]})"
+        if not isinstance(point, (list, tuple)) or len(point) not in (2, 3):
+            raise LayoutError(f"{at} must be [x, y] or [x, y, v], got {_short(point)}")
+        x, y = (_finite(v) for v in point[:2])
+        if x is None or y is None:
+            raise LayoutError(f"{at} {_short(point)} has a NaN, infinite, huge or non-number coordinate")
+        v = point[2] if len(point) == 3 else 2
+        if not _is_int(v) or v not in (0, 1, 2):
+            raise LayoutError(f"{at}: visibility v must be 0 (not given), 1 or 2, got {_short(v)}")
+        x, y = x / scale[0], y / scale[1]
+        if v and not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
+            raise LayoutError(f"{at} {_short(point)} lies outside the image ([0, 1] normalized)")
+        points.append((x, y, v) if v else (0.0, 0.0, 0))
+    return tuple(points)
+
+
+def _box_of(keypoints: Keypoints, where: str) -> Box:
+    """The box of an entity's given keypoints (its 'box' being missing)."""
+    points = given_points(keypoints)
+    if not points:
+        raise LayoutError(f"{where}: 'box' is missing and no keypoint is given (v > 0) to derive it from")
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    box = (min(xs), min(ys), max(xs), max(ys))
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise LayoutError(f"{where}: 'box' is missing and the given keypoints span no area "
+                          f"({len(points)} point(s) in a line); give a 'box'")
+    return box
+
+
+def _image_path(value: Any, where: str, base_dir: str | os.PathLike | None, key: str, what: str) -> str:
+    """The image path under `key`, resolved against `base_dir`; it must name an existing file."""
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise LayoutError(f"{where}: '{key}' must be a path, got {_short(value)}")
+    path = Path(base_dir or ".") / value
+    try:
+        found = path.is_file()
+    except (OSError, ValueError):
+        found = False
+    if not found:
+        raise LayoutError(f"{where}: {what} not found: {path}")
+    return str(path)
 
 
 def _spans(raw: Any, where: str, text: str | None) -> tuple[Span, ...] | None:

@@ -51,13 +51,15 @@ from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+from tqdm.auto import tqdm
 
 from gligen.adapter import GroundingAdapter
 from gligen.base import FrozenBase, keep_sdxl_vae_in_fp32, load_component, load_image_encoder, model_index
 from gligen.bundled import DEMO, resolve_model
 from gligen.errors import UserError
 from gligen.files import open_image, write_json
-from gligen.grounding import GroundingInputs, encode_images, pad_entities, scatter_embeds
+from gligen.grounding import GroundingInputs, add_style, encode_images, pad_entities, scatter_embeds
+from gligen.keypoints import check_persons, keypoint_tensors
 from gligen.layout import MAX_ENTITIES, Layout
 from gligen.plms import PLMSScheduler
 from gligen.prompts import PromptEmbeds, PromptEncoder, time_ids
@@ -457,6 +459,7 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
         callback_on_step_end: Callable[[GligenPipeline, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         return_dict: bool = True,
+        progress: bool | None = None,
     ) -> GligenPipelineOutput | tuple:
         """Images of layouts, in order (`.images`): PIL images ('pil'), (H,W,3) float arrays in [0,1] ('np'),
         (3,H,W) tensors ('pt') or latents ('latent').
@@ -476,7 +479,8 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
         `ip_adapter_image` / `ip_adapter_image_embeds` (one tensor per IP-Adapter, [negative; positive]
         when guided); `callback_on_step_end(pipe, call, t, tensors)` after every UNet call, with the
         tensors named in `callback_on_step_end_tensor_inputs` ('latents', 'prompt_embeds',
-        'grounding_tokens'); what it returns replaces them.
+        'grounding_tokens'); what it returns replaces them. `progress` shows (True) or hides (False) the
+        denoising bar for this call; None leaves it to `set_progress_bar_config`.
         """
         layouts = [layouts] if isinstance(layouts, Layout) else list(layouts)
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
@@ -515,7 +519,7 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
             results = self._generate(batch, num_inference_steps, guidance_scale, schedule, output_type, max_entities,
                                      eta, clip_skip, cross_attention_kwargs, ip_embeds,
                                      (controlnet_conditioning_scale, control_guidance_start, control_guidance_end),
-                                     callback_on_step_end, callback_on_step_end_tensor_inputs)
+                                     callback_on_step_end, callback_on_step_end_tensor_inputs, progress)
             for i, result in zip(group, results):
                 outputs[i] = result
         self.maybe_free_model_hooks()
@@ -527,17 +531,18 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
             raise UserError("this model does not inpaint: its UNet does not take the 9-channel inpainting input")
         if self.inpaints and not inpainting:
             raise UserError("this model inpaints: give an image to repaint (--inpaint-image)")
-        with_images = [e.image for layout in layouts for e in layout.entities if e.image is not None]
-        if not with_images:
-            return
-        if self.adapter is None or self.adapter.config.feature_type != "text-image-box":
-            warnings.warn(f"reference images (such as {_describe(with_images[0])}) are ignored: the model grounds "
-                          "text and boxes only", stacklevel=2)
-        elif self.image_encoder is None:
-            raise UserError(f"reference image {_describe(with_images[0])} needs an image encoder (give --image-encoder)")
+        feature_type = self.adapter.config.feature_type if self.adapter is not None else None
+        images = [e.image for layout in layouts for e in layout.entities if e.image is not None]
+        images += [layout.style for layout in layouts if layout.style]
+        if images and feature_type != "text-image-box":
+            warnings.warn(f"reference and style images (such as {_describe(images[0])}) are ignored: the model "
+                          "grounds no images", stacklevel=2)
+        elif images and self.image_encoder is None:
+            raise UserError(f"image {_describe(images[0])} needs an image encoder (give --image-encoder)")
+        check_persons(layouts, self.adapter.config.max_persons if feature_type == "keypoint" else None)
 
     def _generate(self, batch: _Group, num_steps, guidance_scale, schedule, output_type, slots, eta, clip_skip,
-                  cross_attention_kwargs, ip_embeds, control_settings, callback, callback_inputs) -> list:
+                  cross_attention_kwargs, ip_embeds, control_settings, callback, callback_inputs, progress) -> list:
         """Generate one batch of same-size images (see `__call__`)."""
         layouts, device = batch.layouts, self._execution_device
         guided = guidance_scale > 1.0
@@ -569,7 +574,9 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
         step_kwargs = self._step_kwargs(batch.generator, eta)
         extra_kwargs = dict(cross_attention_kwargs or {})
 
-        for i, t in enumerate(self.progress_bar(timesteps)):
+        bar = self.progress_bar(timesteps) if progress is None else \
+            tqdm(timesteps, desc="denoise", disable=not progress, leave=False)
+        for i, t in enumerate(bar):
             step = call_steps[i]
             if inpainting is not None and (i == 0 or call_steps[i - 1] != step):
                 noise = randn_like(inpainting.latents, row_generators)
@@ -661,6 +668,13 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
                 inputs.phrase_masks = masks.clone()
                 for b, row in enumerate(phrase_masks):
                     inputs.phrase_masks[b, :len(row)] = torch.tensor(row, device=device, dtype=dtype)
+            styles = [open_image(layout.style) for layout in layouts if layout.style]
+            if styles:
+                embeds = encode_images(self.image_encoder, self.feature_extractor, self.adapter.image_projection, styles)
+                add_style(inputs, [len(layout.entities) if layout.style else None for layout in layouts], embeds)
+        if self.adapter.config.feature_type == "keypoint":
+            people = [[(e.box, e.keypoints) for e in layout.entities] for layout in layouts]
+            inputs.points, inputs.point_masks = keypoint_tensors(people, self.adapter.config.max_persons, device, dtype)
         return inputs
 
     def reference_embeds(self, layouts: Sequence[Layout], slots: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -265,16 +265,10 @@ def test_layout_from_needs_a_caption_or_phrases(gligen_dir, tmp_path, capsys):
 
 def test_reference_images_through_an_image_encoder(sd_and_adapter, tmp_path, capsys):
     """A text-image-box adapter on a plain base, the CLIP image encoder given by --image-encoder."""
-    from tests.tiny import tiny_image_encoder
+    from tests.tiny import save_text_image_box_adapter
 
     sd, _ = sd_and_adapter
-    adapter = GroundingAdapter.for_unet(UNet2DConditionModel.from_pretrained(sd, subfolder="unet"), "text-image-box",
-                                        image_embed_dim=HIDDEN)
-    randomize_grounding(adapter)
-    adapter.save_pretrained(tmp_path / "adapter")
-    encoder, processor = tiny_image_encoder()
-    encoder.save_pretrained(tmp_path / "clip")
-    processor.save_pretrained(tmp_path / "clip")
+    save_text_image_box_adapter(sd, tmp_path)
     Image.fromarray(np.random.default_rng(2).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(tmp_path / "dog.png")
     with_image = write_jsonl(tmp_path / "ref.jsonl", {**LAYOUT, "entities": [CAT, {**DOG, "image": "dog.png"}]})
     without = write_jsonl(tmp_path / "plain.jsonl", LAYOUT)

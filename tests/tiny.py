@@ -113,6 +113,22 @@ def tiny_image_encoder() -> tuple[CLIPVisionModelWithProjection, CLIPImageProces
     return CLIPVisionModelWithProjection(config).eval(), processor
 
 
+def save_text_image_box_adapter(sd: str | Path, directory: str | Path) -> tuple[Path, Path]:
+    """A text-image-box adapter for the tiny base `sd` (non-zero gates) and a tiny CLIP image encoder, saved in
+    `directory`/adapter and `directory`/clip; returns both paths."""
+    from gligen.adapter import GroundingAdapter
+
+    directory = Path(directory)
+    adapter = GroundingAdapter.for_unet(UNet2DConditionModel.from_pretrained(sd, subfolder="unet"), "text-image-box",
+                                        image_embed_dim=HIDDEN)
+    randomize_grounding(adapter)
+    adapter.save_pretrained(directory / "adapter")
+    encoder, processor = tiny_image_encoder()
+    encoder.save_pretrained(directory / "clip")
+    processor.save_pretrained(directory / "clip")
+    return directory / "adapter", directory / "clip"
+
+
 def tiny_components(directory: str | Path, unet: UNet2DConditionModel | None = None) -> dict:
     """The components of a tiny SD pipeline (tokenizer files written under `directory`/tokenizer)."""
     tokenizer = tiny_tokenizer(Path(directory) / "tokenizer")

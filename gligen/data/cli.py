@@ -1,6 +1,7 @@
 """`gligen data`: make training shards (and synthetic evaluation data).
 
     gligen data from-coco INSTANCES.json IMAGES_DIR [--captions CAPTIONS.json] --out DIR
+    gligen data from-coco --keypoints PERSON_KEYPOINTS.json IMAGES_DIR [--captions CAPTIONS.json] --out DIR
     gligen data from-grounding ANNOTATIONS.json IMAGES_DIR --out DIR
     gligen data pseudo-label SOURCE [--captions FILE] --model DETECTOR --out DIR
     gligen data shapes --n N [--size 64] [--seed S] [--format shards|coco|layouts] --out DIR
@@ -24,12 +25,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
 
-    coco = commands.add_parser("from-coco", help="COCO detection (+ captions) data to shards")
-    coco.add_argument("instances", help="COCO instances JSON (e.g. instances_train2017.json)")
+    coco = commands.add_parser("from-coco", help="COCO detection (+ captions, + person keypoints) data to shards")
+    coco.add_argument("instances", nargs="?",
+                      help="COCO instances JSON (e.g. instances_train2017.json); optional with --keypoints")
     coco.add_argument("images", help="directory of the images named in it")
     coco.add_argument("--captions", help="COCO captions JSON; without it captions are empty, as in GLIGEN")
     coco.add_argument("--all-captions", action="store_true",
                       help="one sample per caption (default: one per image, with its first caption)")
+    coco.add_argument("--keypoints", help="COCO person keypoints JSON (person_keypoints_train2017.json): persons "
+                      "carry their 17 keypoints; alone, its persons are the entities")
+    coco.add_argument("--min-keypoints", type=positive_int, default=1,
+                      help="persons need at least this many given keypoints to carry them (default 1)")
     _shard_options(coco)
     coco.set_defaults(func=_from_coco)
 
@@ -74,8 +80,10 @@ def _shard_options(parser: argparse.ArgumentParser) -> None:
 def _from_coco(args: argparse.Namespace) -> None:
     from gligen.data.coco import write_coco_shards
 
+    if args.instances is None and args.keypoints is None:
+        raise UserError("from-coco needs an instances JSON, a --keypoints JSON, or both")
     write_coco_shards(args.instances, _directory(args.images), args.out, args.captions, args.all_captions,
-                      args.samples_per_shard, args.image_format)
+                      args.samples_per_shard, args.image_format, args.keypoints, args.min_keypoints)
 
 
 def _from_grounding(args: argparse.Namespace) -> None:

@@ -2,7 +2,8 @@
 
 A COCO or LVIS instances JSON becomes one layout per image: each kept annotation an entity
 whose phrase is its category name (LVIS underscores become spaces) and whose box is the
-annotation's pixel `bbox` normalized by the image size. The prompt is the image's first
+annotation's pixel `bbox` normalized by the image size; a COCO person keypoints JSON's persons
+also carry their keypoints. The prompt is the image's first
 caption when a COCO captions JSON is given, else the phrases joined by commas. Layouts get
 the generation size (`size` x `size`, as GLIGEN evaluated at 512), their boxes stay
 normalized, so they are the same on the generated and on the real image.
@@ -24,6 +25,7 @@ from typing import Any, NamedTuple
 from gligen.errors import UserError
 from gligen.files import read_json
 from gligen.layout import MAX_ENTITIES, Entity, Layout, load_layouts
+from gligen.pose import NUM_KEYPOINTS, Keypoints, coco_keypoints, given_points
 
 
 class Record(NamedTuple):
@@ -145,7 +147,7 @@ def _from_instances(
         x, y, w, h = bbox
         box = (max(x / width, 0.0), max(y / height, 0.0), min((x + w) / width, 1.0), min((y + h) / height, 1.0))
         if box[2] > box[0] and box[3] > box[1]:  # COCO has a few zero-size boxes; no layout can hold them
-            entities.append(Entity(categories[category_id].name, box))
+            entities.append(Entity(categories[category_id].name, box, keypoints=_keypoints(ann, width, height, where)))
 
     prompts = _captions(Path(captions_path)) if captions_path is not None else {}
     records = []
@@ -157,6 +159,17 @@ def _from_instances(
         layout = _keep_largest(Layout(prompt, tuple(kept), width=size, height=size), filters.max_entities)
         records.append(Record(layout, image_id, file_name))
     return records, sorted(categories.values(), key=lambda c: c.id)
+
+
+def _keypoints(ann: dict[str, Any], width: float, height: float, where: str) -> Keypoints | None:
+    """A person keypoints annotation's points (normalized), None without any given point."""
+    if "keypoints" not in ann:
+        return None
+    points = coco_keypoints(ann["keypoints"], width, height)
+    if points is None:
+        raise UserError(f"{where}: 'keypoints' must be {3 * NUM_KEYPOINTS} numbers (x, y, v of 17 points), "
+                        f"got {_short(ann['keypoints'])}")
+    return points if given_points(points) else None
 
 
 def _filter(entities: list[Entity], filters: Filters) -> list[Entity] | None:

@@ -5,6 +5,7 @@ Layout filters of the literature (LostGAN, LAMA): `--min-area 0.02 --min-objects
     gligen eval generate --annotations instances_val2017.json --captions captions_val2017.json \\
         --model runwayml/stable-diffusion-v1-5 --adapter my_adapter --out run/
     gligen eval score --annotations run/layouts.jsonl --out run/score            # generated images
+    gligen eval score --annotations run/layouts.jsonl --pose-model vitpose/ --out run/score  # + keypoint AP
     gligen eval score --annotations instances_val2017.json --images val2017 --real-images --out real/
     gligen eval score --annotations gt.json --detections dt.json --out scores/   # no model
 
@@ -68,6 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score.add_argument("--fid-reference", help="folder of real images: adds FID (needs torch-fidelity)")
     score.add_argument("--inception-weights", help="torch-fidelity Inception weights file, for FID")
     score.add_argument("--clip-model", help="CLIP model directory: adds CLIP score")
+    score.add_argument("--pose-model", help="VitPose directory (transformers VitPoseForPoseEstimation): adds the "
+                       "keypoint AP of the layout persons' poses")
     _add_device_arguments(score, cuda_dtype="fp32")  # AP: full precision; the detector is cheap
     score.add_argument("--out", required=True, type=Output, help="folder for the reports")
     score.set_defaults(func=_score)
@@ -132,6 +135,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _score(args: argparse.Namespace) -> None:
     from gligen.eval import score
+    from gligen.eval.pose import PoseEstimator, persons
 
     if args.detections:
         if args.real_images or args.images:
@@ -144,11 +148,16 @@ def _score(args: argparse.Namespace) -> None:
         raise UserError(f"{args.annotations}: give --images, the folder of the images to score")
     settings = score.ScoreSettings(args.box_threshold, args.text_threshold, args.verify_threshold,
                                    args.iou_threshold, args.batch_size, args.samples)
+    if args.pose_model and not any(persons(record) for record in eval_set.records):
+        raise UserError(f"--pose-model: no layout of {args.annotations} has an entity with keypoints to score")
     extra = _quality_metrics(args, eval_set, images)
     from detector.detect import OpenSetDetector
 
+    pose_estimator = None
+    if args.pose_model:
+        pose_estimator = PoseEstimator.from_pretrained(args.pose_model, device=_device(args), dtype=_dtype(args))
     detector = OpenSetDetector.from_pretrained(args.detector, device=_device(args), dtype=_dtype(args))
-    score.score_images(detector, eval_set, images, args.out, args.real_images, settings, extra)
+    score.score_images(detector, eval_set, images, args.out, args.real_images, settings, extra, pose_estimator)
 
 
 def _quality_metrics(args: argparse.Namespace, eval_set: EvalSet, images: str | Path) -> dict[str, float]:

@@ -1,10 +1,11 @@
-"""Box AP with faster-coco-eval (numbers equal to pycocotools'), LVIS frequency groups, layout checks.
+"""Box and keypoint AP with faster-coco-eval (numbers equal to pycocotools'), LVIS frequency groups, layout checks.
 
 COCO: the 12 standard statistics (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm,
 ARl) of `COCOeval` with `iouType="bbox"`. LVIS (every category carries `frequency` r/c/f):
 faster-coco-eval's LVIS mode, which also gives APr, APc, APf; as the LVIS API does, only the
 300 best detections of each image count. A statistic with no ground truth to measure (e.g. APs without small boxes) is -1,
-as in pycocotools.
+as in pycocotools. Keypoints: the 10 statistics of `iouType="keypoints"` (OKS with COCO's
+per-keypoint sigmas), named APkp, APkp50, ... so that they stand beside the box AP in a report.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
 LVIS_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR300", "ARs", "ARm", "ARl")
 LVIS_GROUPS = ("APr", "APc", "APf")
 LVIS_MAX_DETS = [1, 10, 300]
+KEYPOINT_STATS = ("APkp", "APkp50", "APkp75", "APkpm", "APkpl", "ARkp", "ARkp50", "ARkp75", "ARkpm", "ARkpl")
 
 
 def is_lvis(gt: dict[str, Any]) -> bool:
@@ -38,20 +40,31 @@ def box_ap(gt: dict[str, Any], detections: Sequence[dict[str, Any]]) -> dict[str
     lvis = is_lvis(gt)
     if lvis:
         detections = _best_per_image(detections, LVIS_MAX_DETS[-1])
+    stats = _evaluate(gt, detections, "bbox", lvis)
+    metrics = dict(zip(LVIS_STATS if lvis else COCO_STATS, stats[:12]))
+    if lvis:  # after the 12 come AR50, AR75, then the frequency groups
+        metrics.update(zip(LVIS_GROUPS, stats[14:17]))
+    return metrics
+
+
+def keypoint_ap(gt: dict[str, Any], results: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """COCO keypoint AP (OKS) of `results` (COCO keypoint results: flat pixel `keypoints`, `score`) against `gt`
+    (annotations with flat pixel `keypoints`, `num_keypoints`, `bbox` and `area`, the OKS scale)."""
+    return dict(zip(KEYPOINT_STATS, _evaluate(gt, results, "keypoints")[:10]))
+
+
+def _evaluate(gt: dict[str, Any], results: Sequence[dict[str, Any]], iou_type: str, lvis: bool = False) -> list[float]:
+    """faster-coco-eval's statistics (`all_stats`); neither argument is modified."""
     coco_gt = faster_coco_eval.COCO(copy.deepcopy(gt))
-    coco_dt = coco_gt.loadRes(copy.deepcopy(list(detections)))
-    evaluator = faster_coco_eval.COCOeval_faster(coco_gt, coco_dt, iouType="bbox", lvis_style=lvis,
+    coco_dt = coco_gt.loadRes(copy.deepcopy(list(results)))
+    evaluator = faster_coco_eval.COCOeval_faster(coco_gt, coco_dt, iouType=iou_type, lvis_style=lvis,
                                                  print_function=_quiet)
     if lvis:
         evaluator.params.maxDets = list(LVIS_MAX_DETS)
     evaluator.evaluate()
     evaluator.accumulate()
     evaluator.summarize()
-    stats = [float(v) for v in evaluator.all_stats]
-    metrics = dict(zip(LVIS_STATS if lvis else COCO_STATS, stats[:12]))
-    if lvis:  # after the 12 come AR50, AR75, then the frequency groups
-        metrics.update(zip(LVIS_GROUPS, stats[14:17]))
-    return metrics
+    return [float(v) for v in evaluator.all_stats]
 
 
 def check_ground_truth(gt: Any, where: str) -> dict[str, Any]:

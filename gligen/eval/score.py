@@ -9,7 +9,9 @@ are scored against the layout boxes. The same images are checked entity by entit
 
 Outputs in `out`: `detections.json` (COCO results), `ground_truth.json` (the layout boxes as a
 COCO ground truth; the pair re-scores without a model), `report.json`, `report.md` and
-`samples.png` (images with their layout boxes).
+`samples.png` (images with their layout boxes and skeletons). With a pose estimator
+(`gligen.eval.pose`) the layout persons' poses are scored too, keypoint AP beside the box AP,
+and `keypoints.json` / `keypoint_ground_truth.json` hold the poses and the layout keypoints.
 """
 
 from __future__ import annotations
@@ -22,16 +24,19 @@ from typing import Any, Sequence
 from PIL import Image
 from tqdm.auto import tqdm
 
-from gligen.draw import draw_boxes, make_grid
+from gligen.draw import draw_layout, make_grid
 from gligen.errors import UserError
 from gligen.eval.annotations import Category, EvalSet, Record, read_json
 from gligen.eval.generate import image_name
-from gligen.eval.metrics import box_ap, check_detections, check_ground_truth, is_lvis, layout_checks
+from gligen.eval.metrics import box_ap, check_detections, check_ground_truth, is_lvis, keypoint_ap, layout_checks
+from gligen.eval.pose import PoseEstimator, keypoint_ground_truth, keypoint_results, persons, pixel_xywh
 from gligen.files import save_image, write_json, write_text
 
 DETECTIONS_FILE = "detections.json"
 GROUND_TRUTH_FILE = "ground_truth.json"
 GRID_FILE = "samples.png"
+KEYPOINTS_FILE = "keypoints.json"
+KEYPOINT_GROUND_TRUTH_FILE = "keypoint_ground_truth.json"
 MAX_LISTED_MISSING = 20  # report.md lists this many missing files; report.json lists all
 
 
@@ -123,11 +128,13 @@ def score_images(
     real_images: bool = False,
     settings: ScoreSettings = ScoreSettings(),
     extra_metrics: dict[str, float] | None = None,
+    pose_estimator: PoseEstimator | None = None,
 ) -> dict[str, Any]:
     """Detect, score and write the reports of the images of `eval_set`; return the report.
 
     One detector pass serves both AP (all detections) and the layout checks (those over
     `settings.verify_threshold`, matched to the entities by `detector.verify.match_entities`).
+    A `pose_estimator` adds the keypoint AP of the layout persons' poses.
     """
     from detector.verify import distinct_phrases, match_entities
     from gligen.files import open_image
@@ -140,7 +147,7 @@ def score_images(
     if not present:
         raise UserError(f"{images_dir}: none of the {len(eval_set.records)} images of the evaluation set is there")
     category_ids = eval_set.category_ids()
-    results, sizes, verifications, samples = [], [], [], []
+    results, sizes, verifications, samples, poses = [], [], [], [], []
     bar = tqdm(total=len(present), desc="score", unit="image")
     for start in range(0, len(present), settings.batch_size):
         batch = present[start:start + settings.batch_size]
@@ -153,6 +160,10 @@ def score_images(
             results.extend(coco_results(record.image_id, detections, category_ids))
             verifications.append(match_entities(layout, above(detections, settings.verify_threshold),
                                                 settings.iou_threshold))
+        if pose_estimator is not None:
+            boxes = [[pixel_xywh(e, image.size) for e in persons(record)] for (record, _), image in zip(batch, images)]
+            for (record, _), found_poses in zip(batch, pose_estimator.estimate(images, boxes)):
+                poses.extend(keypoint_results(record.image_id, found_poses))
         sizes.extend(image.size for image in images)
         room = max(settings.num_samples - len(samples), 0)
         samples.extend(_sample(image, layout) for image, layout in zip(images[:room], layouts[:room]))
@@ -163,16 +174,24 @@ def score_images(
     write_json(out_dir / GROUND_TRUTH_FILE, gt)
     write_json(out_dir / DETECTIONS_FILE, results)
     save_image(out_dir / GRID_FILE, make_grid(samples))
+    metrics = box_ap(gt, results)
+    files = {"detections": DETECTIONS_FILE, "ground_truth": GROUND_TRUTH_FILE, "grid": GRID_FILE}
+    if pose_estimator is not None:
+        pose_gt = keypoint_ground_truth([record for record, _ in present], sizes)
+        write_json(out_dir / KEYPOINT_GROUND_TRUTH_FILE, pose_gt)
+        write_json(out_dir / KEYPOINTS_FILE, poses)
+        metrics.update(keypoint_ap(pose_gt, poses) if poses else {})
+        files.update(keypoints=KEYPOINTS_FILE, keypoint_ground_truth=KEYPOINT_GROUND_TRUTH_FILE)
     report = _report(
         mode="real images" if real_images else "generated images",
         images=str(images_dir),
         num_images=len(present),
         missing=missing,
-        metrics={**box_ap(gt, results), **(extra_metrics or {})},
+        metrics={**metrics, **(extra_metrics or {})},
         lvis=is_lvis(gt),
         layout=layout_checks(verifications),
         settings=asdict(settings),
-        files={"detections": DETECTIONS_FILE, "ground_truth": GROUND_TRUTH_FILE, "grid": GRID_FILE},
+        files=files,
     )
     write_report(out_dir, report)
     return report
@@ -257,4 +276,4 @@ def _sample(image: Image.Image, layout: Any, size: int = 256) -> Image.Image:
     """A thumbnail of `image` with the layout's boxes and phrases drawn."""
     thumbnail = image.copy()
     thumbnail.thumbnail((size, size))
-    return draw_boxes(thumbnail, layout.boxes, layout.phrases)
+    return draw_layout(thumbnail, layout)

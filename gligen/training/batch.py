@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from PIL import Image
 
+from gligen.pose import Keypoints
+
 if TYPE_CHECKING:
     from gligen.training.dataset import DataPosition
 
@@ -25,7 +27,10 @@ class TrainingBatch:
     real entity; captions [B]; phrases [B][n_b] (n_b <= N); references [B][n_b]: each entity's
     reference image (text-image-box only, else empty lists); cache_keys [B]: the sample and its
     crop, for the encoding cache; original_sizes (B,2): each image's (height, width);
-    crops_top_left (B,2): the crop's (top, left) corner (SDXL's size and crop conditioning).
+    crops_top_left (B,2): the crop's (top, left) corner (SDXL's size and crop conditioning);
+    keypoints [B][n_b]: each entity's 17 normalized (x, y, v) keypoints of the crop, or None;
+    styles [B]: each sample's style image (text-image-box only), or None; both None for batches
+    made without them.
     `reader` and `position` say which reader of the process made the batch and where that
     reader stands after it (what a checkpoint saves); None for batches made otherwise.
     """
@@ -39,15 +44,18 @@ class TrainingBatch:
     cache_keys: list[str]
     original_sizes: torch.Tensor
     crops_top_left: torch.Tensor
+    keypoints: list[list[Keypoints | None]] | None = None
+    styles: list[Image.Image | None] | None = None
     reader: int | None = None
     position: DataPosition | None = None
 
     @classmethod
     def of(cls, batch: Mapping[str, Any]) -> TrainingBatch:
-        """`batch` itself, or a TrainingBatch from a mapping of its data keys (the reader position is not kept)."""
+        """`batch` itself, or a TrainingBatch from a mapping of its data keys (the reader position is not kept;
+        keypoints and styles are optional)."""
         if isinstance(batch, TrainingBatch):
             return batch
-        return cls(**{name: batch[name] for name in DATA_KEYS})
+        return cls(**{name: batch[name] for name in DATA_KEYS if name in batch})
 
     def __getitem__(self, key: str) -> Any:
         if key == "position":  # the dict form: {"worker": reader, "epoch": ..., "shard": ..., ...}

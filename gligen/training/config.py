@@ -32,7 +32,8 @@ class ModelConfig:
 
     base: str = "CompVis/stable-diffusion-v1-4"  # diffusers SD directory or hub id
     revision: str | None = None
-    feature_type: Literal["text-box", "text-image-box"] = "text-box"
+    feature_type: Literal["text-box", "text-image-box", "keypoint"] = "text-box"
+    max_persons: int = 8  # keypoint: persons grounded per image (17 tokens each), as the official release
     inpaint: bool = False  # 5 zero-initialised input channels; the boxes are masked out of the image
     image_encoder: str | None = None  # CLIP model (vision + text projection) for text-image-box
     adapter: str | None = None  # start from this adapter directory instead of a fresh one
@@ -49,6 +50,7 @@ class DataConfig:
     min_box_area: float = 0.01  # boxes smaller than this fraction of the crop are dropped
     max_entities: int = 30
     caption_drop: float = 0.5  # probability of training a sample with an empty caption
+    style_prob: float = 0.0  # text-image-box: probability of a style token, a random crop of the image itself
     shuffle_shards: bool = True
     shuffle_within_shard: bool = True
     num_workers: int = 2
@@ -112,6 +114,8 @@ class TrainConfig:
             (self.max_steps >= 1, "max_steps", "must be at least 1"),
             (0 <= self.grounding_drop <= 1, "grounding_drop", "must be in [0, 1]"),
             (0 <= self.data.caption_drop <= 1, "data.caption_drop", "must be in [0, 1]"),
+            (0 <= self.data.style_prob <= 1, "data.style_prob", "must be in [0, 1]"),
+            (self.model.max_persons >= 1, "model.max_persons", "must be at least 1"),
             (self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "must be in (0, 1)"),
             (self.data.resolution % 8 == 0 and self.data.resolution > 0, "data.resolution", "must be a positive multiple of 8"),
             (0 <= self.data.min_box_area < 1, "data.min_box_area", "must be in [0, 1)"),

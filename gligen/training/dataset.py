@@ -11,9 +11,12 @@ Each sample is augmented with its own random generator, seeded by its position:
 resize the shorter side to `resolution`, crop a square (random or centre), flip
 horizontally with probability 1/2. Boxes follow the crop and the flip and are clipped;
 boxes left with less than `min_box_area` of the crop are dropped and the `max_entities`
-largest kept. A flip also swaps the words "left" and "right" in the caption and the phrases,
-so that the text still describes the image. The caption is emptied with probability
-`caption_drop`. Each sample also records its image's original (height, width) and the crop's
+largest kept. Keypoints follow too (a point cropped out is no longer given). A flip also
+swaps the words "left" and "right" in the caption and the phrases, and the left and right
+keypoints, so that text and pose still describe the image. The caption is emptied with
+probability `caption_drop`. For text-image-box training a random square crop of the
+augmented image becomes the sample's style image with probability `style_prob` (its token
+takes one of the `max_entities` slots). Each sample also records its image's original (height, width) and the crop's
 (top, left) corner in the resized (and flipped) image: SDXL's size and crop conditioning.
 Corrupt samples (unreadable image, bad JSON, invalid entity, broken tar
 member) and truncated shards are skipped and counted by reason (`DataPosition.skipped_by_reason`);
@@ -36,6 +39,7 @@ from PIL import Image
 
 from gligen.data.format import Sample, SampleError, decode_sample, is_remote, shard_urls, tar_is_complete
 from gligen.errors import UserError
+from gligen.pose import Keypoints, flipped
 from gligen.training.batch import TrainingBatch
 from gligen.training.config import DataConfig
 
@@ -57,7 +61,7 @@ class DataPosition:
 
 @dataclass
 class TrainingSample:
-    """A sample ready for batching. pixels (3, R, R) in [-1, 1]; boxes normalized xyxy of the crop.
+    """A sample ready for batching. pixels (3, R, R) in [-1, 1]; boxes and keypoints normalized to the crop.
 
     original_size is the image's (height, width) before resizing; crop_top_left the crop's
     (top, left) corner in the resized image, as seen after the flip.
@@ -71,6 +75,8 @@ class TrainingSample:
     cache_key: str
     original_size: tuple[int, int]
     crop_top_left: tuple[int, int]
+    keypoints: list[Keypoints | None] = field(default_factory=list)
+    style: Image.Image | None = None
 
 
 _LEFT_RIGHT = re.compile(r"\b(left|right|Left|Right|LEFT|RIGHT)\b")
@@ -85,8 +91,9 @@ def swap_left_right(text: str) -> str:
 def augment(sample: Sample, config: DataConfig, rng: random.Random, with_references: bool = False) -> TrainingSample:
     """Resize, crop, flip a sample and move, filter and cap its boxes (see the module docstring).
 
-    The random draws happen in a fixed order (crop x, crop y, flip, caption drop), so a
-    sample's augmentation depends only on `rng`'s seed.
+    The random draws happen in a fixed order (crop x, crop y, flip, caption drop, then with
+    `with_references` and a `style_prob` the style crop), so a sample's augmentation depends
+    only on `rng`'s seed.
     """
     size = config.resolution
     width, height = sample.image.size
@@ -102,6 +109,8 @@ def augment(sample: Sample, config: DataConfig, rng: random.Random, with_referen
     image = image.crop((left, top, left + size, top + size))
     if flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    with_style = with_references and config.style_prob > 0 and rng.random() < config.style_prob
+    style = _style_crop(image, rng) if with_style else None
 
     kept = []
     for index, entity in enumerate(sample.entities):
@@ -109,7 +118,8 @@ def augment(sample: Sample, config: DataConfig, rng: random.Random, with_referen
         area = (box[2] - box[0]) * (box[3] - box[1])
         if area >= max(config.min_box_area, 1e-12):
             kept.append((area, index, box))
-    kept = sorted(sorted(kept, reverse=True)[:config.max_entities], key=lambda k: k[1])
+    kept = sorted(sorted(kept, reverse=True)[:config.max_entities - (style is not None)], key=lambda k: k[1])
+    keypoints = [_crop_keypoints(sample.entities[i].keypoints, new_w, new_h, left, top, size, flip) for _, i, _ in kept]
 
     caption = "" if drop_caption else sample.caption
     phrases = [sample.entities[i].phrase for _, i, _ in kept]
@@ -120,7 +130,7 @@ def augment(sample: Sample, config: DataConfig, rng: random.Random, with_referen
     cache_key = f"{sample.key}|{left},{top},{int(flip)},{size}"
     crop_top_left = (top, new_w - size - left if flip else left)
     return TrainingSample(pixels, caption, phrases, [box for _, _, box in kept], references, cache_key,
-                          (height, width), crop_top_left)
+                          (height, width), crop_top_left, keypoints, style)
 
 
 def _crop_box(box, width: int, height: int, left: int, top: int, size: int, flip: bool):
@@ -130,6 +140,26 @@ def _crop_box(box, width: int, height: int, left: int, top: int, size: int, flip
         for v, extent, offset in zip(box, (width, height, width, height), (left, top, left, top))
     )
     return (1 - x1, y0, 1 - x0, y1) if flip else (x0, y0, x1, y1)
+
+
+def _crop_keypoints(keypoints: Keypoints | None, width: int, height: int, left: int, top: int, size: int,
+                    flip: bool) -> Keypoints | None:
+    """Normalized keypoints of the full image -> of the (flipped) crop; a point cropped out is no longer given."""
+    if keypoints is None:
+        return None
+    moved = []
+    for x, y, v in keypoints:
+        x, y = (x * width - left) / size, (y * height - top) / size
+        moved.append((x, y, v) if v and 0 <= x <= 1 and 0 <= y <= 1 else (0.0, 0.0, 0))
+    return flipped(moved) if flip else tuple(moved)
+
+
+def _style_crop(image: Image.Image, rng: random.Random) -> Image.Image:
+    """A random square crop of the augmented image, half its side to all of it: the sample's style image."""
+    size = image.width
+    side = rng.randint(max(1, size // 2), size)
+    left, top = rng.randint(0, size - side), rng.randint(0, size - side)
+    return image.crop((left, top, left + side, top + side))
 
 
 def _reference(sample: Sample, image: Image.Image, index: int, box) -> Image.Image:
@@ -159,6 +189,8 @@ def collate(samples: Sequence[TrainingSample], max_entities: int) -> TrainingBat
         cache_keys=[s.cache_key for s in samples],
         original_sizes=torch.tensor([s.original_size for s in samples], dtype=torch.float32),
         crops_top_left=torch.tensor([s.crop_top_left for s in samples], dtype=torch.float32),
+        keypoints=[s.keypoints for s in samples],
+        styles=[s.style for s in samples],
     )
 
 

@@ -88,6 +88,7 @@ def make_adapter(config: TrainConfig, base: FrozenBase) -> GroundingAdapter:
         adapter = GroundingAdapter.for_unet(
             base.unet, config.model.feature_type, positive_len=base.prompt_encoder().phrase_dim,
             inpaint=config.model.inpaint, image_embed_dim=image_dim, base_model=config.model.base,
+            max_persons=config.model.max_persons if config.model.feature_type == "keypoint" else None,
         )
         if adapter.image_projection is not None:
             # image embeddings are mapped back into the text space by the transposed CLIP text projection

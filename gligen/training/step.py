@@ -1,7 +1,8 @@
 """The training step's criterion: the denoising loss of one batch.
 
     latents = VAE(crop) ; t ~ U(timestep_range), noise ~ N ; x_t = add_noise(latents, noise, t)
-    grounding tokens = position_net(boxes, phrase embeddings)   (null for `grounding_drop` of the samples)
+    grounding tokens = position_net(boxes, phrase embeddings [, reference and style images] | keypoints)
+                       (null for `grounding_drop` of the samples)
     loss = || UNet(x_t [, masked latents, mask], t, caption embeddings, tokens) - noise ||^2   (or - velocity)
 
 On SDXL the UNet also gets the caption's pooled embedding and the time ids of the crop: the
@@ -19,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from gligen.grounding import GroundingInputs, encode_images, scatter_embeds
+from gligen.grounding import GroundingInputs, add_style, encode_images, scatter_embeds
+from gligen.keypoints import keypoint_tensors
 from gligen.pipeline import box_mask
 from gligen.prompts import PromptEmbeds, time_ids
 from gligen.training.batch import TrainingBatch
@@ -101,19 +103,36 @@ def grounding_inputs(trainer: Trainer, batch: TrainingBatch | Mapping[str, Any],
     phrase_embeds = scatter_embeds(encode_phrases(trainer, [p for ps in batch.phrases for p in ps]), counts, n)
     drop = trainer.config.grounding_drop if grounding_drop is None else grounding_drop
     keep = (torch.rand(len(counts), generator=trainer.generator).to(trainer.device) >= drop).float()
-    masks = batch.masks.to(trainer.device) * keep[:, None]
-    image_embeds = image_masks = None
-    if trainer.adapter.config.feature_type == "text-image-box":
+    # copies: a style token is written into them, and the batch (such as the fixed validation one) stays as it is
+    inputs = GroundingInputs(batch.boxes.to(trainer.device, copy=True), batch.masks.to(trainer.device, copy=True),
+                             phrase_embeds)
+    feature_type = trainer.adapter.config.feature_type
+    if feature_type == "text-image-box":
         references = [image for images in batch.references for image in images]
-        if references:
-            # autocast: the projection is the adapter's (fp32), the frozen encoder may be bf16 / fp16
-            with torch.no_grad(), trainer.accelerator.autocast():
-                embeds = encode_images(trainer.base.image_encoder, trainer.base.image_processor,
-                                       trainer.adapter.image_projection, references)
-        else:
-            embeds = phrase_embeds.new_zeros(0, phrase_embeds.shape[-1])
-        image_embeds, image_masks = scatter_embeds(embeds, counts, n), masks
-    return GroundingInputs(batch.boxes.to(trainer.device), masks, phrase_embeds, image_embeds, image_masks)
+        styles = [style for style in batch.styles or [] if style is not None]
+        embeds = image_embeds(trainer, references + styles, phrase_embeds)
+        inputs.image_embeds, inputs.image_masks = scatter_embeds(embeds[:len(references)], counts, n), inputs.masks.clone()
+        if styles:
+            slots = [count if style is not None else None for count, style in zip(counts, batch.styles)]
+            add_style(inputs, slots, embeds[len(references):])
+    elif feature_type == "keypoint":
+        keypoints = batch.keypoints or [[] for _ in counts]
+        people = [list(zip(boxes.tolist(), persons)) for boxes, persons in zip(batch.boxes, keypoints)]
+        inputs.points, inputs.point_masks = keypoint_tensors(people, trainer.adapter.config.max_persons, trainer.device)
+    for name in ("masks", "image_masks", "phrase_masks", "point_masks"):
+        if getattr(inputs, name) is not None:
+            setattr(inputs, name, getattr(inputs, name) * keep[:, None])
+    return inputs
+
+
+def image_embeds(trainer: Trainer, images: list, phrase_embeds: torch.Tensor) -> torch.Tensor:
+    """Reference or style images -> their embeddings in the text space (len(images), D), D that of `phrase_embeds`."""
+    if not images:
+        return phrase_embeds.new_zeros(0, phrase_embeds.shape[-1])
+    # autocast: the projection is the adapter's (fp32), the frozen encoder may be bf16 / fp16
+    with torch.no_grad(), trainer.accelerator.autocast():
+        return encode_images(trainer.base.image_encoder, trainer.base.image_processor, trainer.adapter.image_projection,
+                             images)
 
 
 def box_inpaint_input(latents: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

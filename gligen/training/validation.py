@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from gligen.draw import draw_boxes, make_grid
+from gligen.draw import draw_layout, make_grid
 from gligen.files import save_image
 from gligen.pipeline import GligenPipeline
 from gligen.training import step, trackers
@@ -64,7 +64,7 @@ def validation_grid(trainer: Trainer) -> Path | None:
         adapter.detach(unet)
         trainer.adapter.attach(unet)
         unet.train()
-    grid = make_grid([draw_boxes(image, layout.boxes, layout.phrases) for image, layout in zip(images, layouts)])
+    grid = make_grid([draw_layout(image, layout) for image, layout in zip(images, layouts)])
     path = trainer.output_dir / "validation" / f"step-{trainer.step:08d}.png"
     save_image(path, grid)
     trackers.log_image(trainer.accelerator, "validation", grid, trainer.step)
