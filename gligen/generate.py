@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from gligen.bundled import DEMO
 from gligen.commands import fraction, number, positive_int, seed
-from gligen.devices import DTYPES, parse_device, parse_dtype
+from gligen.devices import DTYPES, parse_device, parse_dtype, suit_threads
 from gligen.draw import draw_layout
 from gligen.errors import progress, require
 from gligen.files import Output, open_image, save_image, write_json
@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> None:
         args.model, args.adapter, device=device, dtype=dtype, scheduler=args.scheduler,
         image_encoder=args.image_encoder, attention=args.attention,
     )
+    suit_threads(pipeline.unet, device)
     pipeline.validate([job.layout for job in todo], inpainting=inpaint_image is not None)
     generate_jobs(pipeline, todo, args, out, detector, detector_name, inpaint_image, already_done=len(jobs) - len(todo))
 

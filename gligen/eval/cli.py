@@ -20,7 +20,7 @@ from pathlib import Path
 from detector.cli import DEFAULT_MODEL as DEFAULT_DETECTOR
 from gligen.bundled import native_size
 from gligen.commands import fraction, number, positive_int, seed
-from gligen.devices import DTYPES, parse_dtype
+from gligen.devices import DTYPES, parse_dtype, suit_threads
 from gligen.errors import UserError
 from gligen.eval.annotations import EvalSet, Filters, load_eval_set
 from gligen.files import Output
@@ -132,6 +132,7 @@ def _generate(args: argparse.Namespace) -> None:
         schedule = parse_schedule(args.schedule) if args.schedule else DEFAULT_SCHEDULE
     pipeline = GligenPipeline.from_pretrained(args.model, adapter=args.adapter, device=_device(args),
                                               dtype=_dtype(args), scheduler=args.scheduler)
+    suit_threads(pipeline.unet, pipeline.device)
     generate(pipeline, eval_set.records, args.out, base_seed=args.seed, batch_size=args.batch_size,
              num_inference_steps=args.steps, guidance_scale=args.guidance, schedule=schedule)
 
