@@ -17,7 +17,8 @@ on the beach"):
    when it follows a noun or when no phrase is open ("a dog sitting ...", "a man holds ...");
    after a determiner or a known adjective it is a modifier ("a running dog", "a building").
 5. A phrase made only of determiners, numbers, colours and known adjectives is dropped
-   ("the car is red" -> "the car").
+   ("the car is red" -> "the car"), unless its last word is an adjective that is also a noun
+   (`_NOUN_ADJECTIVES`: "a white square" is a phrase, "a square table" one phrase headed by "table").
 
 Each phrase is the caption's own text at its char span (determiners included), so the spans
 are Flickr30k-style `tokens_positive`. Captions this does not handle well (nested clauses,
@@ -60,6 +61,7 @@ _ADJECTIVES = set(
     "wooden metal plastic dark bright wet dry hot cold clean dirty round square striped "
     "spotted fluffy furry cute pretty beautiful colorful colourful other".split()
 )
+_NOUN_ADJECTIVES = set("square plastic metal".split())  # "a white square", "a piece of plastic"
 _BREAKS = set(
     # conjunctions and clause words
     "and or but nor while as than then so because if though although where when which who whom "
@@ -105,7 +107,7 @@ def noun_phrases(caption: str) -> list[tuple[str, Span]]:
     words: list[tuple[str, int, int]] = []  # the open phrase: (lowercased word, start, end)
 
     def close() -> None:
-        if any(not _is_modifier(w) for w, _, _ in words):
+        if words and (any(not _is_modifier(w) for w, _, _ in words) or words[-1][0] in _NOUN_ADJECTIVES):
             start, end = words[0][1], words[-1][2]
             phrases.append((caption[start:end], (start, end)))
         words.clear()

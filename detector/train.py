@@ -38,7 +38,7 @@ from detector.model import load_detector
 from detector.preprocess import ImageSettings, preprocess
 from detector.prompt import MAX_TEXT_TOKENS, build_caption, normalize_phrase
 from gligen.commands import number, positive_int, seed
-from gligen.errors import require
+from gligen.errors import ignore_stop_signals, require
 from gligen.eval.annotations import check_bbox, check_size
 from gligen.files import Output, atomic_directory, open_image, read_json, write_json
 
@@ -342,6 +342,7 @@ def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = No
     loader = DataLoader(
         examples, batch_size=config.batch_size, sampler=positions, collate_fn=collate,
         num_workers=config.workers, generator=torch.Generator(),  # leave the global RNG to the model
+        worker_init_fn=ignore_stop_signals,
     )
     bar = tqdm(total=config.steps, initial=start, desc="train", disable=not accelerator.is_main_process)
     losses = []

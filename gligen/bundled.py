@@ -6,6 +6,7 @@ models themselves live in `gligen/demo/models/` (see `gligen/demo/model_card.md`
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from gligen.errors import UserError
@@ -31,3 +32,17 @@ def resolve_model(name: str, kind: str = "base") -> str:
             "train it as gligen/demo/model_card.md says, or pass a model directory or hub id"
         )
     return str(path)
+
+
+def native_size(name: str) -> int | None:
+    """The image side a local diffusers model (or `"demo"`) makes by default: UNet sample size x VAE factor.
+
+    None for a hub id or a directory without those configs (the caller keeps its own default).
+    """
+    root = Path(resolve_model(name, "base")) if name == DEMO else Path(name)
+    try:
+        unet = json.loads((root / "unet" / "config.json").read_text())
+        vae = json.loads((root / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

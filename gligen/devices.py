@@ -6,6 +6,7 @@ options (and check their inputs) without loading it.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from gligen.errors import UserError, require
@@ -44,3 +45,19 @@ def parse_device(name: str | None) -> torch.device:
         raise UserError(f"--device {name!r} is not a device") from None
     require(device.type != "cuda" or torch.cuda.is_available(), f"--device {name}: CUDA is not available")
     return device
+
+
+SMALL_UNET_PARAMETERS = 50_000_000  # the demo's UNet has 6 M; SD 1.x's 860 M
+
+
+def suit_threads(unet: torch.nn.Module, device: torch.device) -> None:
+    """Run a small UNet on one CPU thread, unless OMP_NUM_THREADS chose a count.
+
+    Its layers are too small to split: with torch's default (one thread per core) a demo image
+    takes seconds longer, more so while other processes load the machine, than on one thread.
+    """
+    import torch
+
+    small = sum(p.numel() for p in unet.parameters()) < SMALL_UNET_PARAMETERS
+    if device.type == "cpu" and small and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)

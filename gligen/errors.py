@@ -133,6 +133,17 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader `worker_init_fn`: workers leave Ctrl-C and SIGTERM to the main process.
+
+    A terminal's Ctrl-C and a cluster's SIGTERM reach every process of the job; a worker killed
+    by one would crash the main process before it could save and report. The main process stops
+    its workers when it ends.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse `argv`, run the chosen command (`args.func(args)`), and return its exit status (see the module docstring).
 

@@ -23,8 +23,9 @@ from typing import Any, Sequence
 from PIL import Image
 from tqdm.auto import tqdm
 
+from gligen.bundled import DEMO
 from gligen.commands import fraction, number, positive_int, seed
-from gligen.devices import DTYPES, parse_device, parse_dtype
+from gligen.devices import DTYPES, parse_device, parse_dtype, suit_threads
 from gligen.draw import draw_layout
 from gligen.errors import progress, require
 from gligen.files import Output, open_image, save_image, write_json
@@ -81,7 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--verify", action="store_true", help="check each image against its layout with the detector")
     parser.add_argument("--best-of", type=positive_int, default=1, metavar="N",
                         help="generate N candidates per layout (seeds seed..seed+N-1), keep the best verified one")
-    parser.add_argument("--detector", help="Grounding DINO directory or hub id for --verify/--best-of/--layout-from")
+    parser.add_argument("--detector", help="detector directory or hub id for --verify/--best-of/--layout-from "
+                        "(default: the bundled one with --model demo, else Grounding DINO-T)")
     parser.add_argument("--iou-threshold", type=number(float, 0, 1, low_open=True), default=0.5,
                         help="IoU for an entity to pass verification")
     parser.set_defaults(func=run)
@@ -119,6 +121,7 @@ def run(args: argparse.Namespace) -> None:
         args.model, args.adapter, device=device, dtype=dtype, scheduler=args.scheduler,
         image_encoder=args.image_encoder, attention=args.attention, adapter_revision=args.adapter_revision,
     )
+    suit_threads(pipeline.unet, device)
     pipeline.validate([job.layout for job in todo], inpainting=inpaint_image is not None)
     if args.compile:
         pipeline.compile()
@@ -206,7 +209,8 @@ def _detector_name(args: argparse.Namespace) -> str | None:
     from detector.cli import DEFAULT_MODEL
 
     needed = args.verify or args.best_of > 1 or args.layout_from
-    return (args.detector or DEFAULT_MODEL) if needed else None
+    default = DEMO if args.model == DEMO else DEFAULT_MODEL  # the demo world has its own detector
+    return (args.detector or default) if needed else None
 
 
 def _detector(name: str, device):
@@ -296,7 +300,7 @@ def _write(out: Path, job: Job, candidates: list[Candidate], args, settings: dic
         "seed": best.layout.seed,
         "layout": best.layout.to_dict(),
         "model": args.model,
-        "adapter": args.adapter,
+        "adapter": args.adapter or (DEMO if args.model == DEMO else None),  # the demo base brings its adapter
         "settings": settings,
     }
     if best.verification is not None:

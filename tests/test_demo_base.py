@@ -69,6 +69,8 @@ def test_tokenizer_makes_each_caption_word_one_token():
     # An unseen word still tokenizes, into characters.
     assert tokenizer.tokenize("a zebra") == ["a</w>", "z", "e", "b", "r", "a</w>"]
     assert len(tokenizer) < 700  # 2 x 256 byte characters + merges + 2 special tokens
+    again = build_tokenizer(reversed(captions), max_length=32)  # the same words in another order: the same tokenizer
+    assert again.get_vocab() == tokenizer.get_vocab()
 
 
 def test_saved_pipeline_loads_with_diffusers_and_generates(run):

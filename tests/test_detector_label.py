@@ -27,6 +27,8 @@ CAPTIONS = {
     "A black-and-white cat sleeps on the man's lap": [("A black-and-white cat", (0, 21)), ("the man's lap", (32, 45))],
     "a cat a dog": [("a cat", (0, 5)), ("a dog", (6, 11))],
     "the two dogs": [("the two dogs", (0, 12))],
+    "a white square and a red circle": [("a white square", (0, 14)), ("a red circle", (19, 31))],
+    "a square table is white": [("a square table", (0, 14))],
 }
 
 

@@ -134,6 +134,24 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_as_an_uninterrupted_run(s
         assert expected.keys() == got.keys() and all(torch.equal(v, got[k]) for k, v in expected.items()), name
 
 
+def test_sigterm_to_the_whole_job_with_data_workers_still_saves_and_stops_cleanly(setup, tmp_path):
+    """A cluster (or a terminal's Ctrl-C) signals every process of the job, the DataLoader workers too."""
+    out = tmp_path / "group"
+    run = run_command("train.py", "--config", "configs/tiny_test.yaml",
+                      *tiny_args(setup, out, "max_steps=50", "checkpoint_every=100", "log_every=1", "report_to=none",
+                                 "data.num_workers=1"), start_new_session=True)
+    metrics = out / "logs" / "metrics.jsonl"
+    deadline = time.monotonic() + 900
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2) and run.poll() is None:
+        assert time.monotonic() < deadline, "the run logged no 2 steps in time"
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGTERM)
+    _, stderr = run.communicate(timeout=600)
+    assert run.returncode == 143, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "train.py: terminated; rerun the same command to resume"
+    assert len(list((out / "checkpoints").iterdir())) == 1
+
+
 def test_timestep_range_bounds_the_training_timesteps(setup, monkeypatch):
     with pytest.raises(UserError, match=r"config key timestep_range must be \[first, end\)"):
         load_config("tiny_test", tiny_args(setup, "x", "timestep_range=[500, 400]"))

@@ -343,3 +343,18 @@ def test_launched_processes_that_cannot_join_are_refused(tmp_path, tiny_gligen, 
     assert stderr == ("gligen: error: 2 processes were launched but did not join (each would make every image); "
                       "on CPUs pass --device cpu\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_defaults_to_the_models_own_size(tmp_path, tiny_gligen):
+    from gligen.bundled import native_size
+
+    unet = json.loads((Path(tiny_gligen) / "unet" / "config.json").read_text())
+    vae = json.loads((Path(tiny_gligen) / "vae" / "config.json").read_text())
+    side = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    assert native_size(str(tiny_gligen)) == side and native_size("org/a-hub-id") is None
+    annotations = write(tmp_path / "instances.json", instances())
+    status, stderr = cli("generate", "--annotations", str(annotations), "--model", str(tiny_gligen), "--steps", "1",
+                         "--limit", "1", "--out", str(tmp_path / "run"))
+    assert status == 0, stderr
+    [image] = (tmp_path / "run").glob("*.png")
+    assert pixels(image).shape == (side, side, 3)

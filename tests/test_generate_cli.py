@@ -281,3 +281,23 @@ def test_reference_images_through_an_image_encoder(sd_and_adapter, tmp_path, cap
     assert record["settings"]["image_encoder"] == str(tmp_path / "clip")
     grounded, plain = (np.asarray(Image.open(tmp_path / "out" / f"{n}.png"), dtype=int) for n in ("ref", "plain"))
     assert np.abs(grounded - plain).max() > 0  # the reference image changes the image
+
+
+def test_a_small_unet_runs_on_one_cpu_thread_unless_omp_num_threads_says(monkeypatch):
+    import torch
+
+    from gligen.devices import suit_threads
+
+    small, large = torch.nn.Linear(4, 4), torch.nn.Linear(8000, 8000, device="meta")  # 16 ... 64 M parameters
+    cpu, before = torch.device("cpu"), torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        for unet, device, env, threads in [(small, cpu, None, 1), (large, cpu, None, 2),
+                                           (small, torch.device("cuda"), None, 2), (small, cpu, "2", 2)]:
+            if env:
+                monkeypatch.setenv("OMP_NUM_THREADS", env)
+            torch.set_num_threads(2)
+            suit_threads(unet, device)
+            assert torch.get_num_threads() == threads, (unet, device, env)
+    finally:
+        torch.set_num_threads(before)

@@ -11,12 +11,12 @@ fp16, leaving room in the demo bundle for the adapter (~2.4 MB) and the detector
 
 from __future__ import annotations
 
-import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -79,20 +79,48 @@ def build_tokenizer(captions: Iterable[str], max_length: int = 32) -> CLIPTokeni
     """A CLIP BPE tokenizer whose merges make every word of `captions` a single token.
 
     The vocabulary holds all 256 byte-level characters (alone and word-final), so any text
-    still tokenizes, unknown words falling back to characters. Merges come from BPE training
-    (the `tokenizers` trainer) on the captions, run until no pair is left to merge.
+    still tokenizes, unknown words falling back to characters. The merges are `bpe_merges` of
+    the captions' words as CLIP splits them: the same captions always give the same tokenizer.
     """
     clip = CLIPTokenizer(vocab={BOS: 0, EOS: 1}, merges=[]).backend_tokenizer  # CLIP's normalizer + word split
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    bpe.normalizer, bpe.pre_tokenizer = clip.normalizer, clip.pre_tokenizer
+    words = Counter(word for caption in captions
+                    for word, _ in clip.pre_tokenizer.pre_tokenize_str(clip.normalizer.normalize_str(caption)))
+    merges = bpe_merges(words)
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    trainer = trainers.BpeTrainer(
-        vocab_size=1_000_000, min_frequency=1, initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False
-    )
-    bpe.train_from_iterator(captions, trainer)
-    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
     vocab = dict.fromkeys(alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges] + [BOS, EOS])
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=max_length)
+
+
+def bpe_merges(words: Counter[str]) -> list[tuple[str, str]]:
+    """Byte-pair merges (Sennrich et al.) that join every word of `words` (word -> count) into one symbol.
+
+    Each round merges the most frequent adjacent pair, the smallest pair on ties, so the result
+    is a function of the words alone (the `tokenizers` trainer breaks ties by hash order).
+    """
+    split = {word: (*word[:-1], word[-1] + "</w>") for word in words}
+    merges = []
+    while True:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, symbols in split.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += words[word]
+        if not pairs:
+            return merges
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        split = {word: _merged(symbols, best) for word, symbols in split.items()}
+
+
+def _merged(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(symbols):
+        if symbols[i:i + 2] == pair:
+            out.append(pair[0] + pair[1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return tuple(out)
 
 
 def build_text_encoder(config: BaseModelConfig, tokenizer: CLIPTokenizer) -> CLIPTextModel:

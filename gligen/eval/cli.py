@@ -18,8 +18,9 @@ import argparse
 from pathlib import Path
 
 from detector.cli import DEFAULT_MODEL as DEFAULT_DETECTOR
+from gligen.bundled import native_size
 from gligen.commands import fraction, number, positive_int, seed
-from gligen.devices import DTYPES, parse_dtype
+from gligen.devices import DTYPES, parse_dtype, suit_threads
 from gligen.errors import UserError
 from gligen.eval.annotations import EvalSet, Filters, load_eval_set
 from gligen.files import Output
@@ -44,8 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     schedule.add_argument("--schedule", help="scheduled sampling a,b,c (default 0.3,0,0.7)")
     generate.add_argument("--seed", type=seed, default=0, help="base seed; each image's seed comes from it and its id")
     generate.add_argument("--batch-size", type=positive_int, default=1)
-    generate.add_argument("--size", type=number(int, 8, MAX_SIDE), default=512,
-                          help="generated image width and height (default 512)")
+    generate.add_argument("--size", type=number(int, 8, MAX_SIDE), default=None,
+                          help="generated image width and height (default: the model's own, e.g. 64 for demo; "
+                               "512 when it cannot be read)")
     _add_device_arguments(generate, cuda_dtype="fp16")
     generate.add_argument("--out", required=True, type=Output, help="folder for the images and layouts.jsonl")
     generate.set_defaults(func=_generate)
@@ -117,6 +119,7 @@ def _dtype(args: argparse.Namespace):
 def _generate(args: argparse.Namespace) -> None:
     from gligen.eval.generate import generate
 
+    args.size = args.size or native_size(args.model) or 512
     if args.size % 8:
         raise UserError(f"--size must be a multiple of 8, got {args.size}")
     eval_set = _eval_set(args, args.size)  # bad input fails before the model loads
@@ -129,6 +132,7 @@ def _generate(args: argparse.Namespace) -> None:
         schedule = parse_schedule(args.schedule) if args.schedule else DEFAULT_SCHEDULE
     pipeline = GligenPipeline.from_pretrained(args.model, adapter=args.adapter, device=_device(args),
                                               dtype=_dtype(args), scheduler=args.scheduler)
+    suit_threads(pipeline.unet, pipeline.device)
     generate(pipeline, eval_set.records, args.out, base_seed=args.seed, batch_size=args.batch_size,
              num_inference_steps=args.steps, guidance_scale=args.guidance, schedule=schedule)
 

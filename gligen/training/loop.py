@@ -21,7 +21,7 @@ import torch
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
-from gligen.errors import Terminated, UserError
+from gligen.errors import Terminated, UserError, ignore_stop_signals
 from gligen.training import checkpoint, trackers, validation
 from gligen.training.dataset import ShardDataset
 
@@ -94,7 +94,8 @@ def train(trainer: Trainer) -> Path:
         config.data, config.batch_size, config.seed, accelerator.process_index, accelerator.num_processes,
         trainer.positions, with_references=trainer.adapter.config.feature_type == "text-image-box",
     )
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=config.data.num_workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=config.data.num_workers,
+                                         worker_init_fn=ignore_stop_signals)
     bar = tqdm(total=config.max_steps, initial=trainer.step, desc="training", unit="step",
                disable=not accelerator.is_local_main_process)
     window, skip_update, read, stopping = Window(), False, {}, 0

@@ -29,6 +29,7 @@ from gradio_image_annotation import image_annotator
 from PIL import Image
 
 from gligen import generate
+from gligen.devices import suit_threads
 from gligen.errors import UserError, require
 from gligen.files import write_json
 from gligen.layout import Layout, load_layouts
@@ -59,6 +60,7 @@ class Models:
     def load(cls, model: str, adapter: str | None, detector: str | None, device: torch.device,
              dtype: torch.dtype) -> Models:
         pipeline = GligenPipeline.from_pretrained(model, adapter, device=device, dtype=dtype)
+        suit_threads(pipeline.unet, device)
         loaded = None
         if detector is not None:
             from detector.detect import OpenSetDetector
