@@ -1,4 +1,5 @@
-"""Seconds per image: plain SD, our GLIGEN pipeline, diffusers' deprecated GLIGEN pipeline, in one run.
+"""Seconds per image: plain SD, our GLIGEN pipeline (eager and `pipe.compile()`d), diffusers' deprecated GLIGEN
+pipeline, in one run.
 
     python benchmarks/generate.py [--out generate_benchmark.json] [--repeats 3] [--tiny]
 
@@ -66,7 +67,7 @@ def sd14_models(tokenizer) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTex
 
 
 def build(tiny: bool, device: torch.device, dtype: torch.dtype, workdir: Path) -> dict:
-    """The three pipelines on shared weights: {'plain SD', 'diffusers GLIGEN', 'ours'}."""
+    """The pipelines on shared weights: {'plain SD', 'diffusers GLIGEN', 'ours', 'ours compiled'}."""
     tokenizer = tiny_tokenizer(workdir / "tokenizer")
     with device:  # initialise the big random models on the GPU directly
         unet, vae, text_encoder = (
@@ -86,7 +87,11 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype, workdir: Path) -
     for pipe in (plain, reference):
         pipe.set_progress_bar_config(disable=True)
     ours = GligenPipeline(**shared, unet=base, scheduler=copy.deepcopy(scheduler), adapter=adapter)
-    return {"plain SD": plain, "diffusers GLIGEN": reference, "ours": ours}
+    compiled = GligenPipeline(**shared, unet=copy.deepcopy(base).eval(), scheduler=copy.deepcopy(scheduler),
+                              adapter=copy.deepcopy(adapter)).compile()  # its own UNet copy: compiling works in place
+    for pipe in (ours, compiled):
+        pipe.set_progress_bar_config(disable=True)
+    return {"plain SD": plain, "diffusers GLIGEN": reference, "ours": ours, "ours compiled": compiled}
 
 
 def runner(name: str, pipe, beta: float | None, batch: int, size: int, steps: int):
@@ -147,14 +152,17 @@ def main() -> None:
 
     comparisons = [
         {"beta": beta, "batch": batch,
-         "ours_over_diffusers": figure("ours", beta, batch) / figure("diffusers GLIGEN", beta, batch)}
+         "ours_over_diffusers": figure("ours", beta, batch) / figure("diffusers GLIGEN", beta, batch),
+         "compiled_over_eager": figure("ours compiled", beta, batch) / figure("ours", beta, batch)}
         for batch in (1, 4) for beta in BETAS
     ]
-    print(f"\n{'batch':>5} {'beta':>5} {'plain SD':>10} {'diffusers':>10} {'ours':>10} {'ours/diff':>10}")
+    print(f"\n{'batch':>5} {'beta':>5} {'plain SD':>10} {'diffusers':>10} {'ours':>10} {'compiled':>10} "
+          f"{'ours/diff':>10} {'comp/eager':>10}")
     for c in comparisons:
         b, beta = c["batch"], c["beta"]
         print(f"{b:>5} {beta:>5} {figure('plain SD', None, b):>10.3f} {figure('diffusers GLIGEN', beta, b):>10.3f} "
-              f"{figure('ours', beta, b):>10.3f} {c['ours_over_diffusers']:>10.3f}")
+              f"{figure('ours', beta, b):>10.3f} {figure('ours compiled', beta, b):>10.3f} "
+              f"{c['ours_over_diffusers']:>10.3f} {c['compiled_over_eager']:>10.3f}")
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "config": "tiny test components" if tiny else "SD-1.4 shapes, random weights",

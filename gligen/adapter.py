@@ -13,6 +13,7 @@ diffusers or converted official release is a plain subset of its UNet state dict
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from gligen.keypoints import MAX_PERSONS, KeypointPositionNet
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 FEATURE_TYPES = ("text-box", "text-image-box", "keypoint")
+PHRASE_EMBEDDINGS = ("pooler_output", "projected")
 
 
 @dataclass
@@ -45,6 +47,9 @@ class AdapterConfig:
     UNet input channels added for inpainting (0 when the base already takes them);
     `max_entities` the number of grounding slots the adapter was trained with; `max_persons`
     the number of persons a keypoint adapter grounds (17 tokens each; keypoint only).
+    `phrase_embedding` is the phrase feature it was trained with: "pooler_output" (each text
+    encoder's pooled output before any projection, as official GLIGEN) or "projected" (SDXL, as
+    GLIGEN-XL: the first encoder's pooled output and the second's projected `text_embeds`).
     """
 
     blocks: dict[str, tuple[int, int, int]]
@@ -57,10 +62,13 @@ class AdapterConfig:
     max_entities: int = 30
     base_model: str | None = None
     max_persons: int | None = None
+    phrase_embedding: str = "pooler_output"
 
     def __post_init__(self):
         if self.feature_type not in FEATURE_TYPES:
             raise UserError(f"adapter feature_type must be one of {FEATURE_TYPES}, got {self.feature_type!r}")
+        if self.phrase_embedding not in PHRASE_EMBEDDINGS:
+            raise UserError(f"adapter phrase_embedding must be one of {PHRASE_EMBEDDINGS}, got {self.phrase_embedding!r}")
         if self.feature_type == "keypoint" and self.max_persons is None:
             self.max_persons = MAX_PERSONS
         self.blocks = {path: tuple(shape) for path, shape in self.blocks.items()}
@@ -84,9 +92,9 @@ class AdapterConfig:
             if not (isinstance(shape, list) and len(shape) == 3 and all(_positive(v) for v in shape)):
                 raise UserError(f"{where}: 'blocks' -> {path!r} must be 3 positive integers [dim, heads, head_dim], "
                                 f"got {shape!r}"[:300])
-        if "feature_type" in data and data["feature_type"] not in FEATURE_TYPES:
-            raise UserError(f"{where}: 'feature_type' must be one of {', '.join(FEATURE_TYPES)}, "
-                            f"got {data['feature_type']!r}"[:300])
+        for key, allowed in (("feature_type", FEATURE_TYPES), ("phrase_embedding", PHRASE_EMBEDDINGS)):
+            if key in data and data[key] not in allowed:
+                raise UserError(f"{where}: '{key}' must be one of {', '.join(allowed)}, got {data[key]!r}"[:300])
         for key in ("positive_len", "cross_attention_dim", "fourier_freqs", "max_entities"):
             if key in data and not _positive(data[key]):
                 raise UserError(f"{where}: '{key}' must be a positive integer, got {data[key]!r}"[:300])
@@ -158,6 +166,14 @@ class GroundingAdapter(nn.Module):
             self.image_projection.requires_grad_(False)
         self.conv_in_extra = None
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
     @classmethod
     def for_unet(
         cls, unet: nn.Module, feature_type: str = "text-box", positive_len: int | None = None, inpaint: bool = False,
@@ -181,7 +197,11 @@ class GroundingAdapter(nn.Module):
     # --- grounding tokens and the UNet ---
 
     def tokens(self, inputs: GroundingInputs) -> torch.Tensor:
-        """Grounding tokens (B, N, C) for text-box, (B, 2N, C) for text-image-box, (B, 17 max_persons, C) for keypoint."""
+        """Grounding tokens (B, N, C) for text-box, (B, 2N, C) for text-image-box, (B, 17 max_persons, C) for keypoint.
+
+        A text-image-box slot whose phrase mask is 0 (an image without a phrase, as official
+        GLIGEN's style token) gets the null text feature.
+        """
         if self.config.feature_type == "text-box":
             return self.position_net(inputs.boxes, inputs.masks, inputs.phrase_embeds)
         if self.config.feature_type == "keypoint":
@@ -193,16 +213,21 @@ class GroundingAdapter(nn.Module):
         phrase_masks = inputs.phrase_masks if inputs.phrase_masks is not None else inputs.masks
         return self.position_net(inputs.boxes, inputs.masks, inputs.phrase_embeds, image_embeds, phrase_masks, image_masks)
 
-    def cross_attention_kwargs(self, tokens: torch.Tensor, scale: float = 1.0) -> dict | None:
-        """The UNet's `cross_attention_kwargs` for this step at fuser scale `scale`; None at scale 0.
+    def forward(self, inputs: GroundingInputs) -> torch.Tensor:
+        """`tokens`: a module call, so that offloading hooks bring the position net to the device."""
+        return self.tokens(inputs)
 
-        At scale 0 the UNet gets no grounding at all, so the fusers cost nothing.
+    def cross_attention_kwargs(self, tokens: torch.Tensor, scale: float = 1.0, extra: dict | None = None) -> dict | None:
+        """The UNet's `cross_attention_kwargs` for this step at fuser scale `scale` (plus the user's `extra`, e.g.
+        {"scale": a LoRA scale}); without grounding at scale 0, so that the fusers cost nothing.
+
+        The scale is written into the fusers' scale buffers in place (see `GatedSelfAttention`).
         """
         if scale == 0:
-            return None
+            return extra or None
         for fuser in self.fusers:
-            fuser.scale = scale
-        return {"gligen": {"objs": tokens}}
+            fuser.set_scale(scale)
+        return {**(extra or {}), "gligen": {"objs": tokens}}
 
     def check_fits(self, unet: nn.Module) -> None:
         """Raise a UserError naming the first adapter block that the UNet lacks or shapes differently."""
@@ -277,12 +302,12 @@ class GroundingAdapter(nn.Module):
         write_json(directory / CONFIG_NAME, asdict(self.config))
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> GroundingAdapter:
-        """Load an adapter directory written by `save_pretrained` (or `gligen convert`)."""
-        directory = Path(directory)
+    def from_pretrained(cls, source: str | os.PathLike, dtype: torch.dtype | None = None, revision: str | None = None,
+                        subfolder: str | None = None) -> GroundingAdapter:
+        """Load an adapter directory written by `save_pretrained` (or `gligen convert`), or a hub repository id
+        (at `revision`: a branch, tag or commit) holding one, in `subfolder` if given."""
+        directory = adapter_files(source, revision, subfolder)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        if not config_path.is_file() or not weights_path.is_file():
-            raise UserError(f"{directory}: not an adapter directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
         config = AdapterConfig.from_dict(read_json(config_path), str(config_path))
         try:
             state = load_file(str(weights_path))
@@ -291,3 +316,84 @@ class GroundingAdapter(nn.Module):
         adapter = cls(config)
         adapter.load_adapter_state_dict(state, where=str(weights_path))
         return adapter.to(dtype) if dtype is not None else adapter
+
+    def push_to_hub(self, repo_id: str, card: ModelCard | None = None, private: bool | None = None,
+                    token: str | None = None, revision: str | None = None, commit_message: str = "Upload adapter") -> str:
+        """Upload the adapter (config, weights) and a model card (README.md) to the hub repository `repo_id`,
+        created if needed. -> the URL of the commit."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        card = card or ModelCard()
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            (Path(folder) / "README.md").write_text(card.render(self.config, repo_id), encoding="utf-8")
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
+                                       commit_message=commit_message)
+        return str(getattr(commit, "commit_url", commit))
+
+
+def adapter_files(source: str | os.PathLike, revision: str | None = None, subfolder: str | None = None) -> Path:
+    """The local directory holding an adapter's config and weights: `source` itself, or the hub cache's copy
+    of repository `source` (downloaded unless offline). A UserError names what is missing."""
+    local = Path(source) / (subfolder or "")
+    if local.is_dir() or Path(source).exists() or not _looks_like_repo_id(str(source)):
+        if not (local / CONFIG_NAME).is_file() or not (local / WEIGHTS_NAME).is_file():
+            raise UserError(f"{local}: not an adapter directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        return local
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        paths = [hf_hub_download(str(source), name, subfolder=subfolder, revision=revision)
+                 for name in (CONFIG_NAME, WEIGHTS_NAME)]
+    except (OSError, ValueError, HFValidationError) as error:
+        at = f" at revision {revision}" if revision else ""
+        raise UserError(f"{source}{at}: cannot load an adapter from the hub ({str(error).splitlines()[0]})") from None
+    return Path(paths[0]).parent
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    """'owner/name' (or 'name'): one slash at most, no path syntax."""
+    return name.count("/") <= 1 and not name.startswith((".", "/", "~")) and "\\" not in name
+
+
+@dataclass
+class ModelCard:
+    """What a model card says beyond the adapter config: the training data, steps and scores, when known."""
+
+    training_data: str | None = None
+    steps: int | None = None
+    scores: dict[str, float] | None = None
+    notes: str | None = None
+
+    def render(self, config: AdapterConfig, repo_id: str) -> str:
+        """README.md: hub metadata (library, base model, tags) and what the adapter is and how to use it."""
+        meta = ["---", "library_name: gligen", "tags:", "- gligen", "- layout-to-image", "- text-to-image"]
+        if config.base_model:
+            meta.append(f"base_model: {config.base_model}")
+        meta.append("---")
+        facts = [
+            ("base model", config.base_model or "unknown"),
+            ("grounding", config.feature_type),
+            ("phrase embedding", config.phrase_embedding),
+            ("fusers", str(len(config.blocks))),
+            ("grounding slots", str(config.max_entities)),
+            ("training data", self.training_data or "unknown"),
+            ("training steps", str(self.steps) if self.steps is not None else "unknown"),
+        ]
+        lines = meta + ["", f"# {repo_id}", "", "A GLIGEN grounding adapter (position net + gated self-attention "
+                        "fusers) for a frozen Stable Diffusion base, made with `gligen`.", "",
+                        "| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in facts]
+        if self.scores:
+            lines += ["", "## Scores", "", "| metric | value |", "| --- | --- |"]
+            lines += [f"| {name} | {value:.4g} |" for name, value in self.scores.items()]
+        if self.notes:
+            lines += ["", self.notes]
+        base = config.base_model or "BASE_MODEL"
+        lines += ["", "## Use", "", "```bash",
+                  f"gligen generate --model {base} --adapter {repo_id} --layout layouts.jsonl --out out/", "```", "",
+                  "```python", "from gligen.pipeline import GligenPipeline", "",
+                  f'pipe = GligenPipeline.from_pretrained("{base}", adapter="{repo_id}")', "```", ""]
+        return "\n".join(lines)

@@ -58,7 +58,7 @@ def is_grounding_key(key: str) -> bool:
 
 
 def split_gligen_unet(
-    unet: UNet2DConditionModel, image_projection: nn.Linear | None = None
+    unet: UNet2DConditionModel, image_projection: nn.Linear | None = None, phrase_embedding: str = "pooler_output",
 ) -> tuple[UNet2DConditionModel, GroundingAdapter]:
     """A diffusers GLIGEN UNet -> (the plain base UNet, the adapter holding its position net and fusers).
 
@@ -67,7 +67,8 @@ def split_gligen_unet(
     every base weight stays as it was. The plain UNet with the adapter attached computes what
     the GLIGEN UNet computed. `image_projection` (text-image-box only) is the reference-image
     projection, diffusers' `CLIPImageProjection.project` of a GLIGEN text-image pipeline; without
-    it the adapter's projection is the identity.
+    it the adapter's projection is the identity. `phrase_embedding` is recorded in the adapter's
+    config ("projected" for GLIGEN-XL, an SDXL pipeline with a gated UNet).
     """
     attention_type = unet.config.attention_type
     if attention_type not in GLIGEN_ATTENTION_TYPES:
@@ -79,7 +80,8 @@ def split_gligen_unet(
     projection = image_projection.weight if image_projection is not None else None
     adapter = GroundingAdapter.for_unet(
         unet, feature_type, positive_len=getattr(unet.position_net, "positive_len", None),
-        image_embed_dim=projection.shape[1] if projection is not None else None, **keypoint,
+        image_embed_dim=projection.shape[1] if projection is not None else None, phrase_embedding=phrase_embedding,
+        **keypoint,
     )
     state = {k: v for k, v in unet.state_dict().items() if is_grounding_key(k)}
     if feature_type == "text-image-box":
@@ -155,10 +157,19 @@ def plain_config(obj: Any) -> Any:
     return None
 
 
-def gligen_config(checkpoint: dict) -> dict:
-    """The release's config (`config_dict`) as plain data over the SD-1.4 defaults; in_channels from the weights."""
+def gligen_config(checkpoint: dict, where: str = "checkpoint") -> dict:
+    """The release's config (`config_dict`) as plain data over the SD-1.4 defaults; in_channels from the weights.
+
+    A `config_dict` that is there but cannot be read as plain data is a UserError naming what it is,
+    not a silent fall back to the defaults (which would fail later as keys that do not map).
+    """
     config = copy.deepcopy(GLIGEN_SD14_CONFIG)
-    found = plain_config(checkpoint.get("config_dict"))
+    raw = checkpoint.get("config_dict")
+    found = plain_config(raw)
+    if raw is not None and not isinstance(found, dict):
+        kind = raw.qualname if isinstance(raw, Inert) else type(raw).__name__
+        raise UserError(f"{where}: its config_dict (a pickled {kind}) cannot be read as plain data, so the UNet's "
+                        "shape is unknown; use --trust-pickle only if you trust the file")
     for section in config:
         params = found.get(section, {}) if isinstance(found, dict) else {}
         params = params.get("params", {}) if isinstance(params, dict) else {}
@@ -345,7 +356,7 @@ def convert_official(
     """
     out = Path(out)
     checkpoint = read_official_checkpoint(path, trust_pickle)
-    config = gligen_config(checkpoint)
+    config = gligen_config(checkpoint, str(path))
     with atomic_directory(out) as tmp, tqdm(total=5 if full else 2, desc="convert", unit="step") as progress:
         unet = official_unet(checkpoint, config, f"{path} [model]")
         progress.update()
@@ -441,12 +452,24 @@ def register(subparsers) -> None:
                         "for files that cannot be read otherwise, and only if you trust them")
     parser.add_argument("--clip", help="CLIP model (directory or hub id) for an official text-image-box release: "
                         "its reference-image projection and image encoder")
+    export = parser.add_argument_group("export an adapter (SRC: an adapter directory or hub id)")
+    export.add_argument("--to", choices=["diffusers", "comfyui"], help="diffusers: OUT is a diffusers "
+                        "StableDiffusionGLIGEN(TextImage)Pipeline directory; comfyui: OUT is the single .safetensors "
+                        "file of ComfyUI's GLIGENLoader (official GLIGEN key names)")
+    export.add_argument("--base", help="the SD base the adapter was trained on (directory or hub id); needed for "
+                        "--to diffusers, optional for comfyui (default: the SD 1.x/2.x block layout)")
+    export.add_argument("--image-encoder", help="--to diffusers, text-image-box: CLIP vision directory or hub id "
+                        "(default: the base's image_encoder and feature_extractor)")
     parser.set_defaults(func=run)
 
 
 def run(args) -> None:
     source = Path(args.source)
-    if source.is_dir():
+    if args.to is not None:
+        from gligen.export import run_export
+
+        out = run_export(args)
+    elif source.is_dir():
         out = convert_diffusers(source, args.out, args.full)
     else:
         out = convert_official(source, args.out, args.full, args.trust_pickle, args.clip)

@@ -23,15 +23,19 @@ class GatedSelfAttention(GatedSelfAttentionDense):
     """diffusers' gated self-attention with a scheduled-sampling `scale`; same parameters and names.
 
     x (B, n_visual, dim), tokens (B, n_tokens, context_dim) -> (B, n_visual, dim).
+
+    `scale` is a 0-dim buffer (not saved) changed in place by `set_scale`: a compiled UNet reads
+    it as an input, so a changing schedule causes no recompilation.
     """
 
     def __init__(self, query_dim: int, context_dim: int, n_heads: int, d_head: int):
         super().__init__(query_dim, context_dim, n_heads, d_head)
-        self.scale = 1.0
+        self.register_buffer("scale", torch.ones(()), persistent=False)
+
+    def set_scale(self, value: float) -> None:
+        self.scale.fill_(value)
 
     def forward(self, x: torch.Tensor, objs: torch.Tensor) -> torch.Tensor:
-        if self.scale == 0:
-            return x
         n_visual = x.shape[1]
         objs = self.linear(objs)
         x = x + self.scale * self.alpha_attn.tanh() * self.attn(self.norm1(torch.cat([x, objs], dim=1)))[:, :n_visual]

@@ -50,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("generate", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="diffusers SD or GLIGEN pipeline directory or hub id")
-    parser.add_argument("--adapter", help="adapter directory (adapter.safetensors + adapter_config.json)")
+    parser.add_argument("--adapter", help="adapter directory (adapter.safetensors + adapter_config.json) or hub id")
+    parser.add_argument("--adapter-revision", help="with a hub --adapter: its branch, tag or commit")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--layout", help="layout file: .json (one layout or a list) or .jsonl")
     source.add_argument("--layout-from", metavar="IMAGE", help="take the layout of this image (detector)")
@@ -76,6 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--image-encoder", help="CLIP vision directory or hub id for reference images")
     parser.add_argument("--inpaint-image", help="image to repaint inside the boxes (inpainting models)")
     parser.add_argument("--attention", choices=["sdpa", "xformers"], default="sdpa")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet with its fusers (CUDA graphs "
+                        "on CUDA, channels-last, fused QKV): slower first batch, faster after")
     parser.add_argument("--verify", action="store_true", help="check each image against its layout with the detector")
     parser.add_argument("--best-of", type=positive_int, default=1, metavar="N",
                         help="generate N candidates per layout (seeds seed..seed+N-1), keep the best verified one")
@@ -116,10 +119,12 @@ def run(args: argparse.Namespace) -> None:
 
     pipeline = GligenPipeline.from_pretrained(
         args.model, args.adapter, device=device, dtype=dtype, scheduler=args.scheduler,
-        image_encoder=args.image_encoder, attention=args.attention,
+        image_encoder=args.image_encoder, attention=args.attention, adapter_revision=args.adapter_revision,
     )
     suit_threads(pipeline.unet, device)
     pipeline.validate([job.layout for job in todo], inpainting=inpaint_image is not None)
+    if args.compile:
+        pipeline.compile()
     generate_jobs(pipeline, todo, args, out, detector, detector_name, inpaint_image, already_done=len(jobs) - len(todo))
 
 
@@ -275,7 +280,7 @@ def _candidates(pipeline, layouts: list[Layout], k: int, call: dict, detector, a
     from detector.verify import verify_batch
 
     layouts = [replace(layout, seed=layout.seed + k) for layout in layouts]
-    images = pipeline(layouts, **call)
+    images = pipeline(layouts, **call).images
     candidates = [Candidate(layout, image) for layout, image in zip(layouts, images)]
     if detector is not None and (args.verify or args.best_of > 1):
         for candidate, check in zip(candidates, verify_batch(detector, images, layouts, args.iou_threshold)):

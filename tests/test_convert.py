@@ -425,3 +425,19 @@ def test_bad_inputs(tmp_path, capsys):
     torch.save(official_checkpoint(tiny_gligen_unet()), tmp_path / "gligen.pth")
     assert "not empty" in _one_line_error(capsys, tmp_path / "gligen.pth", "--out", out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+class OpaqueConfig:
+    """A config object whose state is no plain data (not OmegaConf's `_content` / `_val`)."""
+
+    def __init__(self):
+        self.blob = b"\x00compressed"
+
+
+def test_unreadable_pickled_config_is_named_in_one_line(tmp_path, capsys):
+    checkpoint = official_checkpoint(tiny_gligen_unet())
+    torch.save({**checkpoint, "config_dict": OpaqueConfig()}, tmp_path / "gligen.pth")
+    assert convert_cli(tmp_path / "gligen.pth", "--out", tmp_path / "out") == 1
+    err = capsys.readouterr().err.strip()
+    assert "config_dict (a pickled tests.test_convert.OpaqueConfig) cannot be read" in err and "\n" not in err
+    assert "do not map" not in err and not (tmp_path / "out").exists()

@@ -56,7 +56,7 @@ def test_generate_from_a_diffusers_gligen_directory(gligen_dir, tmp_path, capsys
     assert sorted(p.name for p in out.iterdir()) == [
         "cats.json", "cats.overlay.png", "cats.png", "layouts_0001.json", "layouts_0001.overlay.png", "layouts_0001.png"]
 
-    expected = GligenPipeline.from_pretrained(str(gligen_dir))(load_layouts(layouts), num_inference_steps=2)
+    expected = GligenPipeline.from_pretrained(str(gligen_dir))(load_layouts(layouts), num_inference_steps=2).images
     for name, image in zip(["cats", "layouts_0001"], expected):
         assert np.array_equal(np.asarray(Image.open(out / f"{name}.png")), np.asarray(image))
         overlay = np.asarray(Image.open(out / f"{name}.overlay.png"))
@@ -225,7 +225,7 @@ def test_best_of_keeps_the_best_verified_candidate(gligen_dir, detector_dir, tmp
     pipe = GligenPipeline.from_pretrained(str(gligen_dir))
     for candidate in candidates:
         layout = {**LAYOUT, "seed": candidate["seed"]}
-        image = pipe(load_layouts(write_jsonl(tmp_path / "c.jsonl", layout))[0], num_inference_steps=2)[0]
+        image = pipe(load_layouts(write_jsonl(tmp_path / "c.jsonl", layout))[0], num_inference_steps=2).images[0]
         image.save(tmp_path / "c.png")
         check = _verification(detector_dir, tmp_path / "c.png", layout, iou_threshold=0.1)
         assert (check["success_rate"], check["mean_iou"]) == (candidate["success_rate"], candidate["mean_iou"])

@@ -376,7 +376,7 @@ def test_generation_feeds_the_layout_keypoints_to_a_keypoint_adapter(keypoint_ru
     inputs = pipe.grounding_inputs(layouts, 2)
     assert inputs.points.shape == (2, 34, 2) and inputs.point_masks.tolist() == [[1] * 17 + [0] * 17] * 2
     torch.testing.assert_close(inputs.points[:, :17], torch.tensor([POSE, mirrored]), rtol=0, atol=1e-7)
-    latents = [pipe([layout], num_inference_steps=2, schedule=(1.0, 0.0, 0.0), output_type="latent")[0]
+    latents = [pipe([layout], num_inference_steps=2, schedule=(1.0, 0.0, 0.0), output_type="latent").images[0]
                for layout in layouts]
     assert (latents[0] - latents[1]).abs().max() > 1e-3  # a mirrored pose moves the latents
 

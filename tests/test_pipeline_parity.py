@@ -42,7 +42,7 @@ def _reference_call(pipe, layout, **kwargs):
 
 
 def _ours(pipe, layout, **kwargs):
-    return pipe(layout, num_inference_steps=STEPS, guidance_scale=7.5, output_type="np", **kwargs)[0]
+    return pipe(layout, num_inference_steps=STEPS, guidance_scale=7.5, output_type="np", **kwargs).images[0]
 
 
 def _saved_gligen(tmp_path_factory, in_channels=4):
@@ -91,9 +91,9 @@ def test_batch_equals_one_by_one(text_box):
     _, _, ours = text_box
     layouts = [_layout(seed=1), _layout(seed=2, entities=ENTITIES[:1], prompt="a cat"),
                Layout("a dog", ENTITIES[1:], width=2 * SIZE, height=SIZE, seed=4)]
-    batch = ours(layouts, num_inference_steps=4, output_type="np")
+    batch = ours(layouts, num_inference_steps=4, output_type="np").images
     for layout, image in zip(layouts, batch):
-        alone = ours(layout, num_inference_steps=4, output_type="np")[0]
+        alone = ours(layout, num_inference_steps=4, output_type="np").images[0]
         assert image.shape == (layout.height, layout.width, 3)
         assert np.abs(image - alone).max() <= 1e-5
     assert np.abs(batch[0] - batch[1]).max() > 1e-3
@@ -104,8 +104,8 @@ def test_more_entities_than_slots_keeps_the_largest(text_box):
     small = Entity("a bird", (0.0, 0.0, 0.05, 0.05))
     crowded = _layout(entities=(small,) + ENTITIES)
     with pytest.warns(UserWarning, match="keeping the 2 largest"):
-        got = ours(crowded, num_inference_steps=2, output_type="np", max_entities=2)[0]
-    expected = ours(_layout(), num_inference_steps=2, output_type="np", max_entities=2)[0]
+        got = ours(crowded, num_inference_steps=2, output_type="np", max_entities=2).images[0]
+    expected = ours(_layout(), num_inference_steps=2, output_type="np", max_entities=2).images[0]
     assert np.abs(got - expected).max() == 0
 
 
@@ -140,8 +140,8 @@ def test_inpainting_adapter_on_a_plain_base(tmp_path_factory):
     assert ours.inpaints and ours.unet.config.in_channels == 4
     image = Image.new("RGB", (SIZE, SIZE), (200, 30, 30))
     layout = _layout(seed=2)
-    got = ours(layout, num_inference_steps=4, schedule=(1.0, 0.0, 0.0), inpaint_image=image, output_type="latent")[0]
-    again = ours(layout, num_inference_steps=4, schedule=(1.0, 0.0, 0.0), inpaint_image=image, output_type="latent")[0]
+    got = ours(layout, num_inference_steps=4, schedule=(1.0, 0.0, 0.0), inpaint_image=image, output_type="latent").images[0]
+    again = ours(layout, num_inference_steps=4, schedule=(1.0, 0.0, 0.0), inpaint_image=image, output_type="latent").images[0]
     assert torch.equal(got, again)
     assert box_mask(layout.boxes, (8, 8)).sum() < 64  # some cells are repainted
     with pytest.raises(UserError, match="images to inpaint for 1 layouts"):
@@ -185,8 +185,8 @@ def test_half_precision_runs_close_to_fp32(text_box, dtype):
     half = GligenPipeline.from_pretrained(str(directory), dtype=dtype)
     assert half.unet.dtype == dtype and all(p.dtype == dtype for p in half.adapter.parameters())
     layout = _layout(seed=1)
-    got = half(layout, num_inference_steps=3, output_type="np")[0]
-    assert np.abs(got - ours(layout, num_inference_steps=3, output_type="np")[0]).max() < 0.05
+    got = half(layout, num_inference_steps=3, output_type="np").images[0]
+    assert np.abs(got - ours(layout, num_inference_steps=3, output_type="np").images[0]).max() < 0.05
 
 
 def test_xformers_without_a_gpu_is_a_user_error(text_box):

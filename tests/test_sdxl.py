@@ -32,17 +32,17 @@ def test_sdxl_generation_matches_diffusers_with_zero_gates(sdxl, negative_prompt
                          output_type="np").images[0]
     plain = GligenPipeline.from_pretrained(str(sdxl))
     assert plain.prompt_encoder.is_sdxl and plain.force_zeros_for_empty_prompt
-    np.testing.assert_allclose(plain([layout(negative_prompt)], num_inference_steps=10, output_type="np")[0],
+    np.testing.assert_allclose(plain([layout(negative_prompt)], num_inference_steps=10, output_type="np").images[0],
                                expected, rtol=0, atol=1e-5)
 
     adapter = GroundingAdapter.for_unet(plain.unet)  # zero gates: the base's output, fusers and all
     assert adapter.config.positive_len == SDXL_CROSS and len(adapter.fusers) == 8  # (1 down + 1 mid + 2 up) x 2 layers
     grounded = GligenPipeline(plain.vae, plain.text_encoder, plain.tokenizer, plain.unet, plain.scheduler, adapter,
                               text_encoder_2=plain.text_encoder_2, tokenizer_2=plain.tokenizer_2)
-    np.testing.assert_allclose(grounded([layout(negative_prompt)], num_inference_steps=10, output_type="np")[0],
+    np.testing.assert_allclose(grounded([layout(negative_prompt)], num_inference_steps=10, output_type="np").images[0],
                                expected, rtol=0, atol=1e-5)
     randomize_grounding(adapter)
-    changed = grounded([layout(negative_prompt)], num_inference_steps=10, output_type="np")[0]
+    changed = grounded([layout(negative_prompt)], num_inference_steps=10, output_type="np").images[0]
     assert np.abs(changed - expected).max() > 1e-2
 
 
@@ -101,5 +101,5 @@ def test_sdxl_adapter_trains_and_generates(sdxl, tmp_path):
 
     pipe = GligenPipeline.from_pretrained(str(sdxl), adapter=str(out))
     image = pipe([Layout("a red circle", (Entity("a red circle", (0.2, 0.2, 0.7, 0.7)),), width=16, height=16)],
-                 num_inference_steps=2)[0]
+                 num_inference_steps=2).images[0]
     assert image.size == (16, 16)

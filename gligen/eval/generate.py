@@ -21,7 +21,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
-from PIL import Image
 from tqdm.auto import tqdm
 
 from gligen.devices import launched_processes
@@ -32,7 +31,7 @@ from gligen.layout import Layout, save_layouts
 
 LAYOUTS_FILE = "layouts.jsonl"
 
-Generator = Callable[..., list[Image.Image]]  # GligenPipeline.__call__(layouts, **kwargs)
+Generator = Callable[..., Any]  # GligenPipeline.__call__(layouts, **kwargs): an output with `.images`
 
 
 def image_name(image_id: int) -> str:
@@ -99,7 +98,7 @@ def generate(
     with state.split_between_processes(todo) as mine, progress(finished), tqdm(
             total=len(mine), desc="generate", unit="image", disable=not state.is_local_main_process) as bar:
         for batch in _batches(mine, batch_size):
-            for layout, image in zip(batch, pipeline(batch, **call_kwargs)):
+            for layout, image in zip(batch, pipeline(batch, **call_kwargs).images):
                 save_image(out_dir / image_name(layout.meta["image_id"]), image)
                 made += 1
             bar.update(len(batch))

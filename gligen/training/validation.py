@@ -59,7 +59,7 @@ def validation_grid(trainer: Trainer) -> Path | None:
             kwargs["inpaint_image"] = [Image.new("RGB", (lay.width, lay.height), (128, 128, 128)) for lay in layouts]
         with trainer.accelerator.autocast():
             images = pipe(layouts, num_inference_steps=config.num_inference_steps,
-                          guidance_scale=config.guidance_scale, schedule=tuple(config.schedule), **kwargs)
+                          guidance_scale=config.guidance_scale, schedule=tuple(config.schedule), **kwargs).images
     finally:
         adapter.detach(unet)
         trainer.adapter.attach(unet)
