@@ -46,8 +46,7 @@ class MapConfig:
 
     @property
     def stride(self) -> int:
-        """The ConvNeXt's: a 4x4 stem, then 2x per further stage (ConvNeXt-T: 32, one token per 32x32 pixels)."""
-        return 4 * 2 ** (len(self.dims) - 1)
+        return backbone_stride(len(self.dims))
 
     @property
     def num_tokens(self) -> int:
@@ -77,11 +76,16 @@ class MapConfig:
                 raise UserError(f"{where}: '{key}' must be a list of positive integers, got {value!r}"[:300])
         if len(data.get("depths", TINY_DEPTHS)) != len(data.get("dims", TINY_DIMS)):
             raise UserError(f"{where}: 'depths' and 'dims' must have one entry per stage")
-        size, stride = data.get("resize_input", 256), 4 * 2 ** (len(data.get("dims", TINY_DIMS)) - 1)
+        size, stride = data.get("resize_input", 256), backbone_stride(len(data.get("dims", TINY_DIMS)))
         if not _positive(size) or size % stride:
             raise UserError(f"{where}: 'resize_input' must be a positive multiple of the backbone's stride {stride}, "
                             f"got {size!r}")
         return cls(**data)
+
+
+def backbone_stride(stages: int) -> int:
+    """The ConvNeXt's: a 4x4 stem, then 2x per further stage (ConvNeXt-T: 32, one token per 32x32 pixels)."""
+    return 4 * 2 ** (stages - 1)
 
 
 def _positive(value: Any) -> bool:
