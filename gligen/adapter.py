@@ -236,6 +236,11 @@ class GroundingAdapter(nn.Module):
             parts.append(self.map_tokenizer(inputs.maps, inputs.map_masks))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
+    @property
+    def condition_type(self) -> str | None:
+        """The map condition this adapter grounds (`gligen.maps.CONDITION_TYPES`), or None."""
+        return self.config.condition.type if self.config.condition is not None else None
+
     def map_channels(self, inputs: GroundingInputs, latent_size: tuple[int, int]) -> torch.Tensor | None:
         """The map's extra UNet input channels (B, extra_in_channels, h, w); None without a map condition."""
         if self.map_downsampler is None:

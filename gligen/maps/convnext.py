@@ -52,6 +52,7 @@ class ConvNeXt(nn.Module):
 
     def __init__(self, in_channels: int = 3, depths: Sequence[int] = TINY_DEPTHS, dims: Sequence[int] = TINY_DIMS):
         super().__init__()
+        self.depths, self.dims = list(depths), list(dims)
         stem = nn.Sequential(nn.Conv2d(in_channels, dims[0], kernel_size=4, stride=4), ChannelsFirstLayerNorm(dims[0], eps=EPS))
         self.downsample_layers = nn.ModuleList([stem])
         for i in range(1, len(dims)):

@@ -27,20 +27,28 @@ def read_map(path: str | os.PathLike, kind: str) -> Image.Image:
         return open_image(path)
     try:
         with Image.open(path) as image:
-            check_pixels(image, str(path))
-            image.load()
-            labels = image if image.mode in ("L", "P") else image.convert("I") if image.mode.startswith("I") else None
-            if labels is None:
-                raise UserError(f"{path}: a {image.mode} image; a {kind!r} map is an ADE20K label PNG "
-                                "(one channel holding a class index per pixel)")
-            labels = labels.copy() if labels.mode == "L" else Image.fromarray(np.asarray(labels, dtype=np.int32))
+            return labels_of(image, kind, str(path))
     except FileNotFoundError:
         raise UserError(f"{path}: map image not found") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except (OSError, ValueError, SyntaxError) as error:
         raise UserError(f"{path}: cannot read the map image ({error})") from None
+
+
+def labels_of(image: Image.Image, kind: str, where: str) -> Image.Image:
+    """An opened label map's labels, loaded, in mode 'L' or 'I' (see `read_map`)."""
+    try:
+        check_pixels(image, where)
+        image.load()
+        labels = image if image.mode in ("L", "P") else image.convert("I") if image.mode.startswith("I") else None
+        if labels is None:
+            raise UserError(f"{where}: a {image.mode} image; a {kind!r} map is an ADE20K label PNG "
+                            "(one channel holding a class index per pixel)")
+        labels = labels.copy() if labels.mode == "L" else Image.fromarray(np.asarray(labels, dtype=np.int32))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise UserError(f"{where}: cannot read the map image ({error})") from None
     if labels.mode == "P":  # a palette image's indices are the labels
         labels = Image.fromarray(np.asarray(labels, dtype=np.uint8), "L")
-    check_labels(np.asarray(labels), str(path))
+    check_labels(np.asarray(labels), where)
     return labels
 
 
