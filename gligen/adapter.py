@@ -237,6 +237,11 @@ class GroundingAdapter(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     @property
+    def inpaints(self) -> bool:
+        """Whether its extra input channels take the inpainting input (a map adapter's take the map)."""
+        return self.conv_in_extra is not None and self.map_downsampler is None
+
+    @property
     def condition_type(self) -> str | None:
         """The map condition this adapter grounds (`gligen.maps.CONDITION_TYPES`), or None."""
         return self.config.condition.type if self.config.condition is not None else None

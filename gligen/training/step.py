@@ -40,7 +40,7 @@ def loss(trainer: Trainer, batch: TrainingBatch | Mapping[str, Any], grounding_d
     timesteps = torch.randint(*trainer.timesteps, (latents.shape[0],), generator=trainer.generator).to(trainer.device)
     noise = torch.randn(latents.shape, generator=trainer.generator).to(trainer.device)
     model_input = trainer.noise_scheduler.add_noise(latents, noise, timesteps)
-    if trainer.adapter.conv_in_extra is not None and trainer.adapter.map_downsampler is None:
+    if trainer.adapter.inpaints:
         model_input = torch.cat([model_input, *box_inpaint_input(latents, batch.boxes, batch.masks)], dim=1)
     text = encode_captions(trainer, batch.captions)
     grounding = grounding_inputs(trainer, batch, grounding_drop)
