@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import ConvNextConfig, ConvNextModel
+from transformers import ConvNextConfig, ConvNextModel, DPTConfig, DPTForDepthEstimation, DPTImageProcessor
 
 from gligen.cli import main as gligen_main
 from gligen.data.format import read_shards
@@ -126,3 +126,29 @@ def test_training_skips_samples_without_the_map(canny_setup, tmp_path):
         f"model.base={canny_setup['sd']}", f"data.shards={shards}", "data.resolution=16", "model.condition=depth"])
     with pytest.warns(UserWarning, match="no depth.png"), pytest.raises(Exception, match="no readable sample"):
         next(iter(ShardDataset(config.data, batch_size=2, condition="depth")))
+
+
+def test_depth_and_normal_maps_from_a_transformers_depth_model(tmp_path):
+    torch.manual_seed(0)
+    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37, image_size=32,
+                       patch_size=8, neck_hidden_sizes=[8, 8, 8, 8], fusion_hidden_size=8, backbone_out_indices=[0, 1, 2, 3])
+    model = DPTForDepthEstimation(config).eval()
+    model.save_pretrained(tmp_path / "dpt")
+    DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(tmp_path / "dpt")
+    photo = Image.fromarray((np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8))
+    photo.save(tmp_path / "photo.png")
+    for kind in ("depth", "normal"):
+        out = tmp_path / f"{kind}.png"
+        assert gligen_main(["condition", str(tmp_path / "photo.png"), "--type", kind, "--model", str(tmp_path / "dpt"),
+                            "--out", str(out)]) == 0
+        with Image.open(out) as written:
+            assert written.size == (48, 40) and written.mode == ("L" if kind == "depth" else "RGB")
+            values = np.asarray(written)
+    inputs = DPTImageProcessor.from_pretrained(tmp_path / "dpt")(images=photo, return_tensors="pt")
+    with torch.no_grad():
+        predicted = model(**inputs).predicted_depth[:, None]
+    expected = torch.nn.functional.interpolate(predicted, (40, 48), mode="bicubic")[0, 0].numpy()
+    depth = np.asarray(Image.open(tmp_path / "depth.png")).astype(float)
+    assert np.corrcoef(depth.ravel(), expected.ravel())[0, 1] > 0.99  # the model's inverse depth, rescaled to 0..255
+    assert depth.min() == 0 and depth.max() == 255
+    assert np.allclose(np.linalg.norm(values.astype(float) / 255 * 2 - 1, axis=-1), 1, atol=0.02)  # unit normals

@@ -51,34 +51,45 @@ def normals_from_depth(depth: np.ndarray, relief: float = 1.0) -> Image.Image:
 
 
 @dataclass
-class DepthModel:
-    """A transformers depth estimator and its image processor."""
+class DenseModel:
+    """A transformers model predicting a map per pixel, and its image processor (see the subclasses)."""
 
     model: Any
     processor: Any
     device: str = "cpu"
+    auto_class = ""  # the transformers Auto class that loads such a model
+    what = ""
 
     @classmethod
-    def from_pretrained(cls, name: str, device: str = "cpu") -> DepthModel:
-        from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+    def from_pretrained(cls, name: str, device: str = "cpu") -> DenseModel:
+        import transformers
 
         try:
-            model = AutoModelForDepthEstimation.from_pretrained(name).to(device).eval()
-            processor = AutoImageProcessor.from_pretrained(name)
+            model = getattr(transformers, cls.auto_class).from_pretrained(name).to(device).eval()
+            processor = transformers.AutoImageProcessor.from_pretrained(name)
         except (OSError, ValueError) as error:
-            raise UserError(f"{name}: cannot load a transformers depth model ({str(error).splitlines()[0]})") from None
+            raise UserError(f"{name}: cannot load a transformers {cls.what} ({str(error).splitlines()[0]})") from None
         return cls(model, processor, device)
 
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        """Relative inverse depth (near large) at the image's size, (H, W) float."""
+    def predict(self, image: Image.Image, output: str, mode: str):
+        """The model's `output` (B, C, h, w) or (B, h, w) for the image, resized to the image: (C, H, W)."""
         import torch
 
         inputs = self.processor(images=image.convert("RGB"), return_tensors="pt").to(self.device)
         with torch.no_grad():
-            predicted = self.model(**inputs).predicted_depth
-        resized = torch.nn.functional.interpolate(predicted[:, None].float(), (image.height, image.width),
-                                                  mode="bicubic", align_corners=False)
-        return resized[0, 0].cpu().numpy()
+            predicted = getattr(self.model(**inputs), output).float()
+        predicted = predicted[:, None] if predicted.ndim == 3 else predicted
+        return torch.nn.functional.interpolate(predicted, (image.height, image.width), mode=mode)[0]
+
+
+class DepthModel(DenseModel):
+    """A transformers depth estimator (DPT, Depth Anything, ...)."""
+
+    auto_class, what = "AutoModelForDepthEstimation", "depth model"
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """Relative inverse depth (near large) at the image's size, (H, W) float."""
+        return self.predict(image, "predicted_depth", "bicubic")[0].cpu().numpy()
 
 
 def depth_image(depth: np.ndarray) -> Image.Image:
@@ -131,31 +142,12 @@ def _cv2():
     return cv2
 
 
-@dataclass
-class Segmenter:
+class Segmenter(DenseModel):
     """A transformers semantic segmenter trained on ADE20K's 150 classes (e.g. a SegFormer) -> label maps as
     ADE20K's PNGs hold them: its class i becomes label i + 1, 0 being 'other' (the `reduce_labels` convention)."""
 
-    model: Any
-    processor: Any
-    device: str = "cpu"
-
-    @classmethod
-    def from_pretrained(cls, name: str, device: str = "cpu") -> Segmenter:
-        from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
-
-        try:
-            model = AutoModelForSemanticSegmentation.from_pretrained(name).to(device).eval()
-            processor = AutoImageProcessor.from_pretrained(name)
-        except (OSError, ValueError) as error:
-            raise UserError(f"{name}: cannot load a transformers segmenter ({str(error).splitlines()[0]})") from None
-        return cls(model, processor, device)
+    auto_class, what = "AutoModelForSemanticSegmentation", "segmenter"
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        import torch
-
-        inputs = self.processor(images=image.convert("RGB"), return_tensors="pt").to(self.device)
-        with torch.no_grad():
-            logits = self.model(**inputs).logits
-        logits = torch.nn.functional.interpolate(logits.float(), (image.height, image.width), mode="bilinear")
-        return Image.fromarray((logits[0].argmax(0) + 1).clamp(max=255).to(torch.uint8).cpu().numpy(), "L")
+        labels = self.predict(image, "logits", "bilinear").argmax(0) + 1
+        return Image.fromarray(labels.clamp(max=255).byte().cpu().numpy(), "L")
