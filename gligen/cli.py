@@ -1,4 +1,4 @@
-"""`gligen` command line: generate, convert, data, eval, train, condition. Each subcommand lives beside its code."""
+"""`gligen` command line: generate, convert, data, eval, train, ui, condition. Each subcommand lives beside its code."""
 
 from __future__ import annotations
 
