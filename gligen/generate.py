@@ -30,7 +30,6 @@ from gligen.draw import draw_layout
 from gligen.errors import progress, require
 from gligen.files import Output, open_image, save_image, write_json
 from gligen.layout import MAX_ENTITIES, MAX_SIDE, SEED_MAX, Entity, Layout, load_layouts
-from gligen.maps.encode import read_map
 from gligen.schedule import parse_schedule, schedule_from_beta
 
 # Nothing here imports torch, diffusers or transformers at module level: the layouts are read and
@@ -99,6 +98,7 @@ def run(args: argparse.Namespace) -> None:
         for job in jobs:
             _check_seeds(_prepared(job.layout, args), args.best_of, job.name)
     inpaint_image = open_image(args.inpaint_image) if args.inpaint_image else None
+    from gligen.maps.encode import read_map
     from gligen.pipeline import GligenPipeline
 
     device = parse_device(args.device)
