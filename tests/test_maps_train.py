@@ -116,7 +116,7 @@ def test_a_canny_adapter_trains_from_shards_and_generates(canny_setup, tmp_path)
     canny(square_picture(16, 4, 12)).save(tmp_path / "edges.png")
     pipe = GligenPipeline.from_pretrained(str(canny_setup["sd"]), adapter=str(out))
     layout = Layout("a yellow square", width=16, height=16, condition=Condition("canny", str(tmp_path / "edges.png")))
-    assert pipe([layout], num_inference_steps=2)[0].size == (16, 16)
+    assert pipe([layout], num_inference_steps=2).images[0].size == (16, 16)
 
 
 def test_training_skips_samples_without_the_map(canny_setup, tmp_path):
