@@ -2,8 +2,9 @@
 
 It holds the position net (entities -> grounding tokens: text-box, text-image-box, or
 keypoint, `gligen.keypoints`), one gated self-attention per transformer block, and optionally
-the reference-image projection (text-image-box) and zero-initialised extra UNet input
-channels (inpainting on a 4-channel base).
+the reference-image projection (text-image-box), zero-initialised extra UNet input channels
+(inpainting on a 4-channel base), and a map condition's tokenizer and downsampler
+(`gligen.maps`), whose output takes the extra channels.
 
 On disk: `adapter_config.json` + `adapter.safetensors`. Tensor names are those of a
 diffusers GLIGEN UNet (`position_net.*`, `<block path>.fuser.*`), so the adapter of a
@@ -29,6 +30,7 @@ from gligen.files import atomic_path, read_json, write_json
 from gligen.fuser import GatedSelfAttention, attach_fusers, block_shape, detach_fusers, transformer_blocks
 from gligen.grounding import GroundingInputs, TextBoxPositionNet, TextImageBoxPositionNet
 from gligen.keypoints import MAX_PERSONS, KeypointPositionNet
+from gligen.maps.nets import MapConfig, MapDownsampler, MapTokenizer
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -50,10 +52,12 @@ class AdapterConfig:
     `phrase_embedding` is the phrase feature it was trained with: "pooler_output" (each text
     encoder's pooled output before any projection, as official GLIGEN) or "projected" (SDXL, as
     GLIGEN-XL: the first encoder's pooled output and the second's projected `text_embeds`).
+    `condition` a map condition's networks (`gligen.maps.nets.MapConfig`); its downsampler's
+    channels are then the extra input channels. `feature_type` None: no entity grounding (a map only).
     """
 
     blocks: dict[str, tuple[int, int, int]]
-    feature_type: str = "text-box"
+    feature_type: str | None = "text-box"
     positive_len: int = 768
     cross_attention_dim: int = 768
     fourier_freqs: int = 8
@@ -63,9 +67,12 @@ class AdapterConfig:
     base_model: str | None = None
     max_persons: int | None = None
     phrase_embedding: str = "pooler_output"
+    condition: MapConfig | None = None
 
     def __post_init__(self):
-        if self.feature_type not in FEATURE_TYPES:
+        if isinstance(self.condition, dict):
+            self.condition = MapConfig.from_dict(self.condition, "adapter condition")
+        if self.feature_type not in FEATURE_TYPES and not (self.feature_type is None and self.condition is not None):
             raise UserError(f"adapter feature_type must be one of {FEATURE_TYPES}, got {self.feature_type!r}")
         if self.phrase_embedding not in PHRASE_EMBEDDINGS:
             raise UserError(f"adapter phrase_embedding must be one of {PHRASE_EMBEDDINGS}, got {self.phrase_embedding!r}")
@@ -92,8 +99,11 @@ class AdapterConfig:
             if not (isinstance(shape, list) and len(shape) == 3 and all(_positive(v) for v in shape)):
                 raise UserError(f"{where}: 'blocks' -> {path!r} must be 3 positive integers [dim, heads, head_dim], "
                                 f"got {shape!r}"[:300])
+        if data.get("condition") is not None:
+            MapConfig.from_dict(data["condition"], f"{where}: 'condition'")
+        map_only = "feature_type" in data and data["feature_type"] is None and data.get("condition") is not None
         for key, allowed in (("feature_type", FEATURE_TYPES), ("phrase_embedding", PHRASE_EMBEDDINGS)):
-            if key in data and data[key] not in allowed:
+            if key in data and data[key] not in allowed and not (key == "feature_type" and map_only):
                 raise UserError(f"{where}: '{key}' must be one of {', '.join(allowed)}, got {data[key]!r}"[:300])
         for key in ("positive_len", "cross_attention_dim", "fourier_freqs", "max_entities"):
             if key in data and not _positive(data[key]):
@@ -129,19 +139,26 @@ def check_tensors(expected: dict[str, torch.Tensor], state: dict[str, torch.Tens
 class ExtendedConvIn(nn.Module):
     """The base `conv_in` plus extra input channels: conv(x[:, :c], W_base) + conv(x[:, c:], W_extra).
 
-    Equal to one convolution with the two weights concatenated along input channels;
-    the base convolution is kept as it is.
+    Equal to one convolution with the two weights concatenated along input channels; the base
+    convolution is kept as it is. `trained_base` (official map releases, which trained the whole
+    first conv: its base channels and bias) replaces the base convolution while extra channels come in.
+    Given no extra channels (a map condition at grounding scale 0) it is the base convolution alone,
+    as official GLIGEN restores SD's first conv there.
     """
 
-    def __init__(self, base: nn.Conv2d, extra_weight: nn.Parameter):
+    def __init__(self, base: nn.Conv2d, extra_weight: nn.Parameter, trained_base: nn.Conv2d | None = None):
         super().__init__()
         self.base = base
         self.extra_weight = extra_weight
+        self.trained_base = trained_base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.base.in_channels
+        if x.shape[1] == c:
+            return self.base(x)
         extra = F.conv2d(x[:, c:], self.extra_weight, None, self.base.stride, self.base.padding)
-        return self.base(x[:, :c]) + extra
+        base = self.base if self.trained_base is None else self.trained_base
+        return base(x[:, :c]) + extra
 
 
 class GroundingAdapter(nn.Module):
@@ -150,9 +167,10 @@ class GroundingAdapter(nn.Module):
     def __init__(self, config: AdapterConfig):
         super().__init__()
         self.config = config
+        self.position_net = None
         if config.feature_type == "keypoint":
             self.position_net = KeypointPositionNet(config.max_persons, config.cross_attention_dim, config.fourier_freqs)
-        else:
+        elif config.feature_type is not None:
             net = TextBoxPositionNet if config.feature_type == "text-box" else TextImageBoxPositionNet
             self.position_net = net(config.positive_len, config.cross_attention_dim, config.fourier_freqs)
         self.block_paths = list(config.blocks)
@@ -164,7 +182,12 @@ class GroundingAdapter(nn.Module):
         if config.feature_type == "text-image-box":
             self.image_projection = nn.Linear(config.image_embed_dim or config.positive_len, config.positive_len, bias=False)
             self.image_projection.requires_grad_(False)
+        self.map_tokenizer = self.map_downsampler = None
+        if config.condition is not None:
+            self.map_tokenizer = MapTokenizer(config.condition, config.cross_attention_dim)
+            self.map_downsampler = MapDownsampler(config.condition)
         self.conv_in_extra = None
+        self.conv_in_base = None  # an official map release's trained first conv, its base channels (`ExtendedConvIn`)
 
     @property
     def device(self) -> torch.device:
@@ -176,17 +199,22 @@ class GroundingAdapter(nn.Module):
 
     @classmethod
     def for_unet(
-        cls, unet: nn.Module, feature_type: str = "text-box", positive_len: int | None = None, inpaint: bool = False,
-        image_embed_dim: int | None = None, **config_kwargs,
+        cls, unet: nn.Module, feature_type: str | None = "text-box", positive_len: int | None = None,
+        inpaint: bool = False, image_embed_dim: int | None = None, condition: MapConfig | None = None, **config_kwargs,
     ) -> GroundingAdapter:
-        """A fresh adapter (zero gates) fitting `unet`; `inpaint` adds 5 zero input channels to a 4-channel base."""
+        """A fresh adapter (zero gates) fitting `unet`; `inpaint` adds 5 zero input channels to a 4-channel base,
+        a `condition` its downsampler's channels."""
         cross = unet.config.cross_attention_dim
         cross = cross[0] if isinstance(cross, (list, tuple)) else cross
         blocks = {path: block_shape(block) for path, block in transformer_blocks(unet).items()}
         extra = 5 if inpaint and unet.config.in_channels == 4 else 0
+        if condition is not None:
+            if inpaint:
+                raise UserError("an adapter grounds a map or inpaints, not both (official GLIGEN has no such model)")
+            extra = condition.extra_channels
         config = AdapterConfig(
             blocks, feature_type, positive_len or cross, cross, image_embed_dim=image_embed_dim,
-            extra_in_channels=extra, **config_kwargs,
+            extra_in_channels=extra, condition=condition, **config_kwargs,
         )
         adapter = cls(config)
         if extra:
@@ -197,11 +225,34 @@ class GroundingAdapter(nn.Module):
     # --- grounding tokens and the UNet ---
 
     def tokens(self, inputs: GroundingInputs) -> torch.Tensor:
-        """Grounding tokens (B, N, C) for text-box, (B, 2N, C) for text-image-box, (B, 17 max_persons, C) for keypoint.
+        """Grounding tokens (B, N, C) for text-box, (B, 2N, C) for text-image-box, (B, 17 max_persons, C) for keypoint;
+        a map's tokens follow.
 
         A text-image-box slot whose phrase mask is 0 (an image without a phrase, as official
         GLIGEN's style token) gets the null text feature.
         """
+        parts = [] if self.position_net is None else [self._entity_tokens(inputs)]
+        if self.map_tokenizer is not None:
+            parts.append(self.map_tokenizer(inputs.maps, inputs.map_masks))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    @property
+    def inpaints(self) -> bool:
+        """Whether its extra input channels take the inpainting input (a map adapter's take the map)."""
+        return self.conv_in_extra is not None and self.map_downsampler is None
+
+    @property
+    def condition_type(self) -> str | None:
+        """The map condition this adapter grounds (`gligen.maps.CONDITION_TYPES`), or None."""
+        return self.config.condition.type if self.config.condition is not None else None
+
+    def map_channels(self, inputs: GroundingInputs, latent_size: tuple[int, int]) -> torch.Tensor | None:
+        """The map's extra UNet input channels (B, extra_in_channels, h, w); None without a map condition."""
+        if self.map_downsampler is None:
+            return None
+        return self.map_downsampler(inputs.maps, latent_size)
+
+    def _entity_tokens(self, inputs: GroundingInputs) -> torch.Tensor:
         if self.config.feature_type == "text-box":
             return self.position_net(inputs.boxes, inputs.masks, inputs.phrase_embeds)
         if self.config.feature_type == "keypoint":
@@ -244,14 +295,14 @@ class GroundingAdapter(nn.Module):
             missing = next(p for p in blocks if p not in self.config.blocks)
             raise UserError(f"adapter does not fit the base UNet: base block {missing} has no fuser")
         if self.conv_in_extra is not None and unet.conv_in.in_channels != 4:
-            raise UserError(f"inpainting adapter expects a 4-channel base UNet, got {unet.conv_in.in_channels} channels")
+            raise UserError(f"this adapter adds input channels to a 4-channel base UNet, got {unet.conv_in.in_channels} channels")
 
     def attach(self, unet: nn.Module) -> None:
         """Put the fusers into `unet`'s blocks (and the extra input channels); base weights untouched."""
         self.check_fits(unet)
         attach_fusers(unet, dict(zip(self.block_paths, self.fusers)))
         if self.conv_in_extra is not None:
-            unet.conv_in = ExtendedConvIn(unet.conv_in, self.conv_in_extra)
+            unet.conv_in = ExtendedConvIn(unet.conv_in, self.conv_in_extra, self.conv_in_base)
 
     def detach(self, unet: nn.Module) -> None:
         """Remove everything `attach` added: the UNet is exactly its base again."""
@@ -262,20 +313,17 @@ class GroundingAdapter(nn.Module):
     # --- files ---
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors under diffusers GLIGEN UNet names."""
-        state = {f"position_net.{k}": v for k, v in self.position_net.state_dict().items()}
-        for path, fuser in zip(self.block_paths, self.fusers):
-            state.update({f"{path}.fuser.{k}": v for k, v in fuser.state_dict().items()})
-        if self.image_projection is not None:
-            state["image_projection.weight"] = self.image_projection.weight
-        if self.conv_in_extra is not None:
-            state["conv_in_extra.weight"] = self.conv_in_extra
-        return {k: v.detach().contiguous() for k, v in state.items()}
+        """Tensors under diffusers GLIGEN UNet names (a map's networks: the official names under `map_tokenizer.`,
+        `map_downsampler.`)."""
+        return {k: v.detach().contiguous() for k, v in self._named_targets()}
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], where: str = "adapter") -> None:
         """Load tensors named as by `adapter_state_dict` (e.g. a subset of a GLIGEN UNet's state dict)."""
         if "conv_in_extra.weight" in state and self.conv_in_extra is None:
             self.conv_in_extra = nn.Parameter(torch.zeros_like(state["conv_in_extra.weight"]))
+        if "conv_in_base.weight" in state and self.conv_in_base is None:
+            out_channels, in_channels, size, _ = state["conv_in_base.weight"].shape
+            self.conv_in_base = nn.Conv2d(in_channels, out_channels, size, padding=size // 2)
         check_tensors(self.adapter_state_dict(), state, where)
         targets = dict(self._named_targets())
         with torch.no_grad():
@@ -283,8 +331,10 @@ class GroundingAdapter(nn.Module):
                 targets[key].copy_(value)
 
     def _named_targets(self):
-        for k, v in self.position_net.state_dict(keep_vars=True).items():
-            yield f"position_net.{k}", v
+        for prefix in ("position_net", "map_tokenizer", "map_downsampler", "conv_in_base"):
+            module = getattr(self, prefix)
+            if module is not None:
+                yield from ((f"{prefix}.{k}", v) for k, v in module.state_dict(keep_vars=True).items())
         for path, fuser in zip(self.block_paths, self.fusers):
             for k, v in fuser.state_dict(keep_vars=True).items():
                 yield f"{path}.fuser.{k}", v

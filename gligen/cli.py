@@ -1,4 +1,4 @@
-"""`gligen` command line: generate, convert, data, eval. Each subcommand lives beside its code."""
+"""`gligen` command line: generate, convert, data, eval, train, ui, condition. Each subcommand lives beside its code."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ COMMANDS = [
     Command("eval", "generate from held-out layouts and score them (AP, layout success)", "gligen.eval.cli:register"),
     Command("train", "train a grounding adapter", "gligen.training.cli:register"),
     Command("ui", "draw layouts, generate and verify in a browser (needs the ui extra)", "gligen.ui.cli:register"),
+    Command("condition", "make a condition map (canny, depth, normal) from an image", "gligen.maps.cli:register"),
 ]
 
 

@@ -46,6 +46,8 @@ from gligen.errors import UserError
 from gligen.files import Output, atomic_directory, write_json
 from gligen.fuser import detach_fusers
 from gligen.keypoints import KeypointPositionNet
+from gligen.maps import CONDITION_TYPES
+from gligen.maps.convert import is_map_release, map_adapter, release_condition, split_map_release
 from gligen.safe_pickle import Inert, inert_objects, load_checkpoint
 
 GLIGEN_ATTENTION_TYPES = {"gated": "text-box", "gated-text-image": "text-image-box"}
@@ -216,6 +218,16 @@ def _build(model_class: type, config: dict, source: dict, converted: dict, where
     return model.eval()
 
 
+def ldm_unet_to_diffusers(state: dict[str, torch.Tensor], config: dict, where: str) -> tuple[dict, dict]:
+    """An LDM UNet state dict (fusers included, no `position_net.*`) -> (diffusers tensors, the UNet's config)."""
+    strange = next((k for k in state if not k.startswith(UNET_PREFIXES)), None)
+    if strange is not None:
+        raise UserError(f"{where}: key {strange} does not map to a diffusers UNet")
+    prefixed = {LDM_UNET_KEY + k: v for k, v in state.items()}
+    unet_config = create_unet_diffusers_config_from_ldm(_ldm_config(config), prefixed)
+    return convert_ldm_unet_checkpoint(prefixed, unet_config), unet_config
+
+
 def official_unet(checkpoint: dict, config: dict, where: str = "model") -> UNet2DConditionModel:
     """The release's `model` (LDM names) as a diffusers GLIGEN UNet (attention_type gated / gated-text-image).
 
@@ -223,14 +235,10 @@ def official_unet(checkpoint: dict, config: dict, where: str = "model") -> UNet2
     (diffusers calls it with the `gligen` keyword arguments `points` and `masks`).
     """
     state = checkpoint["model"]
-    strange = next((k for k in state if not k.startswith(UNET_PREFIXES)), None)
-    if strange is not None:
-        raise UserError(f"{where}: key {strange} does not map to a diffusers UNet")
-    prefixed = {LDM_UNET_KEY + k: v for k, v in state.items() if not k.startswith("position_net.")}
-    unet_config = create_unet_diffusers_config_from_ldm(_ldm_config(config), prefixed)
+    converted, unet_config = ldm_unet_to_diffusers(
+        {k: v for k, v in state.items() if not k.startswith("position_net.")}, config, where)
     image = any(k.startswith("position_net.linears_image.") for k in state)
     unet_config["attention_type"] = "gated-text-image" if image else "gated"
-    converted = convert_ldm_unet_checkpoint(prefixed, unet_config)
     converted.update({k: v for k, v in state.items() if k.startswith("position_net.")})
     return _build(UNet2DConditionModel, unet_config, state, converted, where, keypoint_position_net(state))
 
@@ -243,6 +251,22 @@ def keypoint_position_net(state: dict[str, torch.Tensor]) -> KeypointPositionNet
     null_xy = state.get("position_net.null_xy_feature")
     freqs = null_xy.shape[0] // 4 if null_xy is not None else 8  # sin and cos of x and y per frequency
     return KeypointPositionNet(persons.shape[0], persons.shape[1], freqs)
+
+
+def official_map_unet(
+    checkpoint: dict, config: dict, condition: str | None = None, where: str = "model",
+) -> tuple[UNet2DConditionModel, GroundingAdapter]:
+    """A map release's `model` (`gligen.maps.convert`) -> (the plain diffusers UNet, the map adapter)."""
+    state, found = checkpoint["model"], plain_config(checkpoint.get("config_dict"))
+    found = found if isinstance(found, dict) else {}
+    unet_state, map_config, maps = split_map_release(state, release_condition(state, found, condition, where), where)
+    config = copy.deepcopy(config)
+    config["model"]["params"]["in_channels"] = unet_state["input_blocks.0.0.weight"].shape[1]
+    converted, unet_config = ldm_unet_to_diffusers(unet_state, config, where)
+    fusers = {k: converted.pop(k) for k in list(converted) if is_grounding_key(k)}
+    base_source = {k: v for k, v in unet_state.items() if ".fuser." not in k}
+    unet = _build(UNet2DConditionModel, unet_config, base_source, converted, where)
+    return unet, map_adapter(unet, map_config, fusers, maps, where)
 
 
 def official_vae(checkpoint: dict, config: dict, where: str = "autoencoder") -> AutoencoderKL:
@@ -347,27 +371,39 @@ def _save_pipeline(directory: Path, vae, text_encoder, tokenizer, unet, schedule
 
 def convert_official(
     path: str | os.PathLike, out: str | os.PathLike, full: bool = False, trust_pickle: bool = False,
-    clip: str | None = None,
+    clip: str | None = None, condition: str | None = None,
 ) -> Path:
     """An official GLIGEN checkpoint -> `out`/adapter, and with `full` a StableDiffusionPipeline in `out`.
 
     `clip` (a CLIP model directory or hub id, e.g. openai/clip-vit-large-patch14) gives a
     text-image-box release its reference-image projection and, with `full`, `out`/image_encoder.
+    `condition` names a map release's type where its config does not (`gligen.maps.convert`).
     """
     out = Path(out)
     checkpoint = read_official_checkpoint(path, trust_pickle)
     config = gligen_config(checkpoint, str(path))
+    maps = is_map_release(checkpoint["model"])
+    if condition is not None and not maps:
+        raise UserError(f"{path}: --condition {condition}, but the release grounds no maps (no ConvNeXt tokenizer)")
     with atomic_directory(out) as tmp, tqdm(total=5 if full else 2, desc="convert", unit="step") as progress:
-        unet = official_unet(checkpoint, config, f"{path} [model]")
+        encoder = processor = None
+        if maps:
+            unet, adapter = official_map_unet(checkpoint, config, condition, f"{path} [model]")
+            if full:
+                warnings.warn("a map release holds only its trained first conv: the base UNet's conv_in is its first "
+                              "4 channels, while official GLIGEN restores SD-1.4's conv at grounding scale 0 (to match "
+                              "it, generate on an SD-1.4 base)", stacklevel=2)
+        else:
+            unet = official_unet(checkpoint, config, f"{path} [model]")
+            projection = None
+            if unet.config.attention_type == "gated-text-image":
+                if clip is not None:
+                    projection, encoder, processor = clip_image_side(clip)
+                else:
+                    warnings.warn("text-image-box release converted without --clip: the adapter's image projection "
+                                  "is the identity, so reference images need a re-run with --clip", stacklevel=2)
+            unet, adapter = split_gligen_unet(unet, projection)
         progress.update()
-        projection = encoder = processor = None
-        if unet.config.attention_type == "gated-text-image":
-            if clip is not None:
-                projection, encoder, processor = clip_image_side(clip)
-            else:
-                warnings.warn("text-image-box release converted without --clip: the adapter's image projection "
-                              "is the identity, so reference images need a re-run with --clip", stacklevel=2)
-        unet, adapter = split_gligen_unet(unet, projection)
         adapter.save_pretrained(tmp / "adapter")
         progress.update()
         if not full:
@@ -452,6 +488,8 @@ def register(subparsers) -> None:
                         "for files that cannot be read otherwise, and only if you trust them")
     parser.add_argument("--clip", help="CLIP model (directory or hub id) for an official text-image-box release: "
                         "its reference-image projection and image encoder")
+    parser.add_argument("--condition", choices=CONDITION_TYPES, help="an official map release's type, where its "
+                        "config does not say it (canny and depth have the same shapes)")
     export = parser.add_argument_group("export an adapter (SRC: an adapter directory or hub id)")
     export.add_argument("--to", choices=["diffusers", "comfyui"], help="diffusers: OUT is a diffusers "
                         "StableDiffusionGLIGEN(TextImage)Pipeline directory; comfyui: OUT is the single .safetensors "
@@ -472,5 +510,5 @@ def run(args) -> None:
     elif source.is_dir():
         out = convert_diffusers(source, args.out, args.full)
     else:
-        out = convert_official(source, args.out, args.full, args.trust_pickle, args.clip)
+        out = convert_official(source, args.out, args.full, args.trust_pickle, args.clip, args.condition)
     print(f"wrote {out}")

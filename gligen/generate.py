@@ -30,7 +30,7 @@ from gligen.draw import draw_layout
 from gligen.errors import progress, require
 from gligen.files import Output, open_image, save_image, write_json
 from gligen.layout import MAX_ENTITIES, MAX_SIDE, SEED_MAX, Entity, Layout, load_layouts
-from gligen.schedule import DEFAULT_SCHEDULE, parse_schedule, schedule_from_beta
+from gligen.schedule import parse_schedule, schedule_from_beta
 
 # Nothing here imports torch, diffusers or transformers at module level: the layouts are read and
 # checked first, so that a mistake in them is reported in well under a second.
@@ -63,7 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="classifier-free guidance scale (default 7.5)")
     schedule = parser.add_mutually_exclusive_group()
     schedule.add_argument("--beta", type=fraction, help="grounding for the first beta of the steps (beta,0,1-beta)")
-    schedule.add_argument("--schedule", help="scheduled sampling a,b,c (default 0.3,0,0.7)")
+    schedule.add_argument("--schedule", help="scheduled sampling a,b,c (default: the model's; 0.3,0,0.7 for boxes, "
+                          "0.9,0,0.1 for canny and HED maps, 0.7,0,0.3 for depth, normal and semantic maps)")
     parser.add_argument("--seed", type=seed, help="seed for every layout (default: each layout's own)")
     parser.add_argument("--scheduler", help="ddim, pndm, euler, euler_a, dpmpp, lms, unipc, ... (default: the model's)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="default: fp16 on CUDA, else fp32")
@@ -97,6 +98,7 @@ def run(args: argparse.Namespace) -> None:
         for job in jobs:
             _check_seeds(_prepared(job.layout, args), args.best_of, job.name)
     inpaint_image = open_image(args.inpaint_image) if args.inpaint_image else None
+    from gligen.maps.encode import read_map
     from gligen.pipeline import GligenPipeline
 
     device = parse_device(args.device)
@@ -110,6 +112,8 @@ def run(args: argparse.Namespace) -> None:
         styles = [job.layout.style] if job.layout.style else []
         for path in [e.image for e in job.layout.entities if e.image] + styles:
             open_image(path)
+        if job.layout.condition is not None:
+            read_map(job.layout.condition.image, job.layout.condition.type)
     out = Path(args.out)
     todo = [job for job in jobs if not ((out / f"{job.name}.png").is_file() and (out / f"{job.name}.json").is_file())]
     if len(todo) < len(jobs):
@@ -137,7 +141,7 @@ def generate_jobs(pipeline, jobs: Sequence[Job], args: argparse.Namespace, out: 
     adds a bar over the denoising steps of each batch; `already_done` layouts of the same run
     (skipped as written) count in what an interrupt reports. Returns the candidate kept for each job.
     """
-    schedule = _schedule(args)
+    schedule = _schedule(args) or pipeline.default_schedule
     settings = {
         "steps": args.steps, "guidance": args.guidance, "schedule": list(schedule),
         "scheduler": type(pipeline.scheduler).__name__, "dtype": str(pipeline.dtype).removeprefix("torch."),
@@ -165,9 +169,10 @@ def generate_jobs(pipeline, jobs: Sequence[Job], args: argparse.Namespace, out: 
 
 
 def _schedule(args: argparse.Namespace):
+    """--beta or --schedule; None: the model's default (`GligenPipeline.default_schedule`)."""
     if args.beta is not None:
         return schedule_from_beta(args.beta)
-    return parse_schedule(args.schedule) if args.schedule else DEFAULT_SCHEDULE
+    return parse_schedule(args.schedule) if args.schedule else None
 
 
 def _check_numbers(args: argparse.Namespace) -> None:

@@ -98,6 +98,7 @@ class GroundingInputs:
     image_embeds (B,N,D) and image_masks (B,N) for text-image-box grounding only, with
     phrase_masks (B,N) where a slot's phrase is masked but its box is not (a style token; None:
     the masks). points (B,S,2) and point_masks (B,S) for keypoint grounding (`gligen.keypoints`).
+    maps (B,3,H,W) in [-1,1] or (B,1,H,W) labels and map_masks (B,) for a map condition only (`gligen.maps`).
     """
 
     boxes: torch.Tensor
@@ -108,9 +109,15 @@ class GroundingInputs:
     phrase_masks: torch.Tensor | None = None
     points: torch.Tensor | None = None
     point_masks: torch.Tensor | None = None
+    maps: torch.Tensor | None = None
+    map_masks: torch.Tensor | None = None
 
     def with_null_half(self) -> GroundingInputs:
-        """[null grounding; this] along the batch: the unconditional half of classifier-free guidance."""
+        """[null grounding; this] along the batch: the unconditional half of classifier-free guidance.
+
+        The maps themselves stay in the null half (only their tokens are null): official GLIGEN gives the
+        unconditional pass the same extra input channels.
+        """
         def twice(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else torch.cat([t, t])
 
@@ -120,7 +127,7 @@ class GroundingInputs:
         return GroundingInputs(
             twice(self.boxes), null_then(self.masks), twice(self.phrase_embeds),
             twice(self.image_embeds), null_then(self.image_masks), null_then(self.phrase_masks),
-            twice(self.points), null_then(self.point_masks),
+            twice(self.points), null_then(self.point_masks), twice(self.maps), null_then(self.map_masks),
         )
 
 

@@ -12,6 +12,8 @@ An entity may carry `keypoints` (17 COCO points [x, y] or [x, y, v], in the box 
 not given): its box, when missing, is that of its given points, and its phrase, when missing,
 is "person". A layout may carry `style`, an image whose style the picture takes (text-image-box
 models). Image paths are relative to the layout file.
+A layout may also carry a dense map that grounds the whole image, with or without entities:
+`"condition": {"type": "canny" | "hed" | "depth" | "normal" | "sem", "image": "map.png"}` (see `gligen.maps`).
 
 A `.json` file holds one layout (or a list of them), a `.jsonl` file one layout per line.
 """
@@ -28,6 +30,7 @@ from typing import Any, Iterable
 
 from gligen.errors import UserError
 from gligen.pose import KEYPOINT_NAMES, NUM_KEYPOINTS, Keypoints, given_points
+from gligen.maps import CONDITION_TYPES, LABEL_TYPES
 
 Box = tuple[float, float, float, float]
 Span = tuple[int, int]
@@ -36,7 +39,7 @@ MAX_ENTITIES = 30  # the released GLIGEN models were trained with at most 30 gro
 MAX_SIDE = 4096  # default limit on a layout's width and height, in pixels (`--max-side`)
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 
-_LAYOUT_KEYS = {"prompt", "negative_prompt", "width", "height", "seed", "entities", "box_units", "style"}
+_LAYOUT_KEYS = {"prompt", "negative_prompt", "width", "height", "seed", "entities", "box_units", "style", "condition"}
 KEYPOINT_PHRASE = "person"  # the phrase of an entity given by its keypoints alone
 
 
@@ -76,8 +79,20 @@ class Entity:
 
 
 @dataclass(frozen=True)
+class Condition:
+    """A dense map that grounds the whole image: its type (`gligen.maps.CONDITION_TYPES`) and its image file."""
+
+    type: str
+    image: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "image": self.image}
+
+
+@dataclass(frozen=True)
 class Layout:
-    """A prompt and the entities to place, optionally a style image. Extra keys of the file are kept in `meta`."""
+    """A prompt and the entities to place, optionally a style image and a condition map. Extra keys of the file
+    are kept in `meta`."""
 
     prompt: str
     entities: tuple[Entity, ...] = ()
@@ -87,6 +102,7 @@ class Layout:
     seed: int = 0
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
     style: str | None = None
+    condition: Condition | None = None
 
     @property
     def phrases(self) -> list[str]:
@@ -128,6 +144,8 @@ class Layout:
         )
         if self.style is not None:
             out["style"] = self.style
+        if self.condition is not None:
+            out["condition"] = self.condition.to_dict()
         return out
 
     @classmethod
@@ -165,8 +183,9 @@ class Layout:
         style = data.get("style")
         if style is not None:
             style = _image_path(style, where, base_dir, "style", "style image")
+        condition = _condition(data["condition"], where, base_dir) if data.get("condition") is not None else None
         meta = {k: v for k, v in data.items() if k not in _LAYOUT_KEYS}
-        return cls(prompt, entities, negative, width, height, seed, meta, style)
+        return cls(prompt, entities, negative, width, height, seed, meta, style, condition)
 
 
 def _json_type(value: Any) -> str:
@@ -308,6 +327,44 @@ def _image_path(value: Any, where: str, base_dir: str | os.PathLike | None, key:
     if not found:
         raise LayoutError(f"{where}: {what} not found: {path}")
     return str(path)
+
+
+def _condition(raw: Any, where: str, base_dir: str | os.PathLike | None) -> Condition:
+    """`{"type": ..., "image": ...}`: a known type and a readable image of the kind that type needs."""
+    where = f"{where}: condition"
+    if not isinstance(raw, dict):
+        raise LayoutError(f"{where}: expected an object with 'type' and 'image', got {_json_type(raw)}")
+    unknown = sorted(set(raw) - {"type", "image"})
+    if unknown:
+        raise LayoutError(f"{where}: unknown key {unknown[0]!r} (known: image, type)")
+    kind = raw.get("type")
+    if kind not in CONDITION_TYPES:
+        raise LayoutError(f"{where}: 'type' must be one of {', '.join(CONDITION_TYPES)}, got {_short(kind)}")
+    image = raw.get("image")
+    if not isinstance(image, str) or not image or "\0" in image:
+        raise LayoutError(f"{where}: 'image' must be a path, got {_short(image)}")
+    path = Path(base_dir or ".") / image
+    bands = _image_bands(path, where)
+    if kind in LABEL_TYPES and len(bands) > 1:
+        raise LayoutError(f"{where}: {path} is a {'/'.join(bands)} image; a {kind!r} map is an ADE20K label PNG "
+                          "(one channel holding a class index per pixel), not a colour picture")
+    if kind == "normal" and len(bands) == 1:
+        raise LayoutError(f"{where}: {path} is a one-channel image; a 'normal' map is RGB-encoded "
+                          "((n + 1) / 2 * 255 of the unit normal)")
+    return Condition(kind, str(path))
+
+
+def _image_bands(path: Path, where: str) -> tuple[str, ...]:
+    """The bands of an image file, read from its header (('P',) for a palette); a LayoutError if it is no image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.getbands()
+    except FileNotFoundError:
+        raise LayoutError(f"{where}: map image not found: {path}") from None
+    except (OSError, ValueError, UnidentifiedImageError) as error:
+        raise LayoutError(f"{where}: cannot read the map image {path} ({error})") from None
 
 
 def _spans(raw: Any, where: str, text: str | None) -> tuple[Span, ...] | None:

@@ -62,6 +62,8 @@ from gligen.grounding import GroundingInputs, add_style, encode_images, pad_enti
 from gligen.keypoints import check_persons, keypoint_tensors
 from gligen.layout import MAX_ENTITIES, Layout
 from gligen.plms import PLMSScheduler
+from gligen.maps import DEFAULT_SCHEDULES, LABEL_TYPES
+from gligen.maps.encode import load_map
 from gligen.prompts import PromptEmbeds, PromptEncoder, time_ids
 from gligen.schedule import DEFAULT_SCHEDULE, Schedule, grounding_scales
 
@@ -212,6 +214,12 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
         """Whether the UNet (with the adapter's extra input channels) takes the 9-channel inpainting input."""
         extra = self.adapter.config.extra_in_channels if self.adapter is not None else 0
         return self.unet.config.in_channels + extra == INPAINT_CHANNELS
+
+    @property
+    def default_schedule(self) -> Schedule:
+        """The scheduled sampling the model was released with: its map condition's, else GLIGEN's box default."""
+        condition = self.adapter.config.condition if self.adapter is not None else None
+        return DEFAULT_SCHEDULES[condition.type] if condition is not None else DEFAULT_SCHEDULE
 
     def set_attention(self, kind: str) -> None:
         """'sdpa' (PyTorch scaled_dot_product_attention, diffusers' default) or 'xformers', on every attention."""
@@ -436,7 +444,7 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
         layouts: Layout | Sequence[Layout],
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
-        schedule: Schedule = DEFAULT_SCHEDULE,
+        schedule: Schedule | None = None,
         inpaint_image: Image.Image | Sequence[Image.Image] | None = None,
         output_type: str = "pil",
         max_entities: int = MAX_ENTITIES,
@@ -480,7 +488,8 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
         when guided); `callback_on_step_end(pipe, call, t, tensors)` after every UNet call, with the
         tensors named in `callback_on_step_end_tensor_inputs` ('latents', 'prompt_embeds',
         'grounding_tokens'); what it returns replaces them. `progress` shows (True) or hides (False) the
-        denoising bar for this call; None leaves it to `set_progress_bar_config`.
+        denoising bar for this call; None leaves it to `set_progress_bar_config`. `schedule` defaults
+        to the model's (`default_schedule`).
         """
         layouts = [layouts] if isinstance(layouts, Layout) else list(layouts)
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
@@ -490,6 +499,7 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
         controls = self._control_images(control_image, len(layouts))
         self.validate(layouts, inpainting=images is not None)
         layouts = [layout.keep_largest(max_entities) for layout in layouts]
+        schedule = schedule or self.default_schedule
         prompts = self._given_embeds(prompt_embeds, pooled_prompt_embeds, len(layouts), "prompt_embeds")
         negatives = self._given_embeds(negative_prompt_embeds, negative_pooled_prompt_embeds, len(layouts),
                                        "negative_prompt_embeds")
@@ -540,6 +550,21 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
         elif images and self.image_encoder is None:
             raise UserError(f"image {_describe(images[0])} needs an image encoder (give --image-encoder)")
         check_persons(layouts, self.adapter.config.max_persons if feature_type == "keypoint" else None)
+        self._validate_conditions(layouts)
+
+    def _validate_conditions(self, layouts: Sequence[Layout]) -> None:
+        """A layout's map must be of the kind the adapter grounds, and a map adapter needs one."""
+        condition = self.adapter.config.condition if self.adapter is not None else None
+        for layout in layouts:
+            given = layout.condition.type if layout.condition is not None else None
+            if condition is None and given is not None:
+                raise UserError(f"layout {layout.prompt!r}: this model grounds no maps, so it cannot use the "
+                                f"{given!r} condition {layout.condition.image}")
+            if condition is not None and given != condition.type:
+                got = f"has a {given!r} map" if given else "has no 'condition'"
+                raise UserError(f"layout {layout.prompt!r} {got}, but this model grounds {condition.type!r} maps")
+        if condition is not None and self.adapter.position_net is None and any(layout.entities for layout in layouts):
+            warnings.warn(f"entity boxes are ignored: the model grounds {condition.type!r} maps only", stacklevel=3)
 
     def _generate(self, batch: _Group, num_steps, guidance_scale, schedule, output_type, slots, eta, clip_skip,
                   cross_attention_kwargs, ip_embeds, control_settings, callback, callback_inputs, progress) -> list:
@@ -553,10 +578,11 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
             embeds = [torch.cat([e[:1].repeat(copies, *[1] * (e.ndim - 1)), e[-1:].repeat(copies, *[1] * (e.ndim - 1))])
                       if guided else e[-1:].repeat(copies, *[1] * (e.ndim - 1)) for e in ip_embeds]
             unet_kwargs.setdefault("added_cond_kwargs", {})["image_embeds"] = [e.to(device, self.unet.dtype) for e in embeds]
-        tokens = None
+        tokens = map_channels = None
         if self.adapter is not None:
             grounding = self.grounding_inputs(layouts, slots)
-            tokens = self.adapter(grounding.with_null_half() if guided else grounding)
+            grounding = grounding.with_null_half() if guided else grounding
+            tokens = self.adapter(grounding)
 
         self.scheduler.set_timesteps(num_steps, device=device)
         timesteps = self.scheduler.timesteps
@@ -573,6 +599,8 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
         control = self._prepare_control(batch.control_images, layouts, guided, *control_settings)
         step_kwargs = self._step_kwargs(batch.generator, eta)
         extra_kwargs = dict(cross_attention_kwargs or {})
+        if tokens is not None:
+            map_channels = self.adapter.map_channels(grounding, shape[2:])
 
         bar = self.progress_bar(timesteps) if progress is None else \
             tqdm(timesteps, desc="denoise", disable=not progress, leave=False)
@@ -588,6 +616,8 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
                 residuals = control.residuals(self.controlnet, model_input, t, unet_kwargs, i, len(timesteps))
             if inpainting is not None:
                 model_input = torch.cat([model_input, inpainting.condition(2 if guided else 1)], dim=1)
+            if map_channels is not None and scales[step] > 0:  # at scale 0 the base's first conv alone, as official
+                model_input = torch.cat([model_input, map_channels.to(self.unet.dtype)], dim=1)
             if tokens is not None:
                 kwargs = self.adapter.cross_attention_kwargs(tokens, scales[step], extra_kwargs)
             else:
@@ -648,12 +678,14 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
         return (torch.cat([ids, ids]) if guided else ids).to(self._execution_device)
 
     def grounding_inputs(self, layouts: Sequence[Layout], slots: int) -> GroundingInputs:
-        """Boxes, masks, phrase embeddings (and reference image embeddings) padded to `slots` entities.
+        """Boxes, masks, phrase embeddings (and reference image embeddings) padded to `slots` entities; the maps.
 
         Entities without a phrase (image-only) get phrase mask 0 and no phrase embedding.
         """
         device, dtype = self._execution_device, self.unet.dtype
         boxes, masks = pad_entities(layouts, slots, device=device, dtype=dtype)
+        if self.adapter.position_net is None:  # a map alone: no entity tokens
+            return self.with_maps(GroundingInputs(boxes, masks, None), layouts)
         counts = [len(layout.entities) for layout in layouts]
         phrases = [phrase for layout in layouts for phrase in layout.phrases]
         projected = self.adapter.config.phrase_embedding == "projected"
@@ -675,6 +707,17 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
         if self.adapter.config.feature_type == "keypoint":
             people = [[(e.box, e.keypoints) for e in layout.entities] for layout in layouts]
             inputs.points, inputs.point_masks = keypoint_tensors(people, self.adapter.config.max_persons, device, dtype)
+        return self.with_maps(inputs, layouts)
+
+    def with_maps(self, inputs: GroundingInputs, layouts: Sequence[Layout]) -> GroundingInputs:
+        """`inputs` with the layouts' condition maps (`gligen.maps.encode`) when the adapter grounds maps."""
+        condition = self.adapter.config.condition
+        if condition is not None:
+            device, dtype = self._execution_device, self.unet.dtype
+            maps = torch.stack([load_map(layout.condition.image, condition.type, layout.width, layout.height)
+                                for layout in layouts]).to(device)
+            inputs.maps = maps if condition.type in LABEL_TYPES else maps.to(dtype)
+            inputs.map_masks = torch.ones(len(layouts), device=device, dtype=dtype)
         return inputs
 
     def reference_embeds(self, layouts: Sequence[Layout], slots: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:

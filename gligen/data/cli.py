@@ -6,6 +6,8 @@
     gligen data pseudo-label SOURCE [--captions FILE] --model DETECTOR --out DIR
     gligen data shapes --n N [--size 64] [--seed S] [--format shards|coco|layouts] --out DIR
 
+Shard commands take --condition canny|depth|normal to add each image's map (KEY.canny.png ...).
+
 Every command resumes an interrupted run when given the same arguments again.
 """
 
@@ -67,6 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "layouts: layouts.jsonl only")
     shapes.add_argument("--out", required=True, type=Output, help="output directory")
     shapes.add_argument("--samples-per-shard", type=positive_int, default=1000)
+    _condition_options(shapes)
     shapes.set_defaults(func=_shapes)
 
 
@@ -75,6 +78,22 @@ def _shard_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples-per-shard", type=positive_int, default=1000)
     parser.add_argument("--image-format", default="jpg", choices=["jpg", "png", "webp"],
                         help="how images are stored in the shards")
+    _condition_options(parser)
+
+
+def _condition_options(parser: argparse.ArgumentParser) -> None:
+    from gligen.maps import CONDITION_TYPES
+    from gligen.maps.cli import add_extractor_options
+
+    parser.add_argument("--condition", choices=CONDITION_TYPES,
+                        help="add each image's map, made at write time, as KEY.<type>.png (map adapters' training)")
+    add_extractor_options(parser, "--condition-model")
+
+
+def _extractor(args: argparse.Namespace):
+    from gligen.maps.cli import extractor
+
+    return extractor(args.condition, args) if args.condition else None
 
 
 def _from_coco(args: argparse.Namespace) -> None:
@@ -83,14 +102,15 @@ def _from_coco(args: argparse.Namespace) -> None:
     if args.instances is None and args.keypoints is None:
         raise UserError("from-coco needs an instances JSON, a --keypoints JSON, or both")
     write_coco_shards(args.instances, _directory(args.images), args.out, args.captions, args.all_captions,
-                      args.samples_per_shard, args.image_format, args.keypoints, args.min_keypoints)
+                      args.samples_per_shard, args.image_format, args.keypoints, args.min_keypoints,
+                      _extractor(args))
 
 
 def _from_grounding(args: argparse.Namespace) -> None:
     from gligen.data.grounding import write_grounding_shards
 
     write_grounding_shards(args.annotations, _directory(args.images), args.out,
-                           args.samples_per_shard, args.image_format)
+                           args.samples_per_shard, args.image_format, _extractor(args))
 
 
 def _pseudo_label(args: argparse.Namespace) -> None:
@@ -114,14 +134,14 @@ def _pseudo_label(args: argparse.Namespace) -> None:
     detector = OpenSetDetector.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     options = {"source": args.source, "captions": args.captions, "model": args.model, **thresholds}
     write_pseudo_label_shards(pairs, functools.partial(label_batch, detector, **thresholds), args.out, options,
-                              args.samples_per_shard, args.image_format, args.batch_size)
+                              args.samples_per_shard, args.image_format, args.batch_size, _extractor(args))
 
 
 def _shapes(args: argparse.Namespace) -> None:
     from gligen.data import shapes
 
     if args.format == "shards":
-        shapes.write_shards(args.out, args.n, args.size, args.seed, args.samples_per_shard)
+        shapes.write_shards(args.out, args.n, args.size, args.seed, args.samples_per_shard, _extractor(args))
     elif args.format == "coco":
         shapes.write_coco(args.out, args.n, args.size, args.seed)
     else:

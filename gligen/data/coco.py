@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -27,6 +27,9 @@ from gligen.errors import UserError
 from gligen.files import read_json
 from gligen.layout import Box, Entity
 from gligen.pose import coco_keypoints, given_points
+
+if TYPE_CHECKING:
+    from gligen.maps.extract import Extractor
 
 
 def load_coco_json(path: str | os.PathLike, required: tuple[str, ...]) -> dict[str, Any]:
@@ -81,8 +84,10 @@ def write_coco_shards(
     image_format: str = "jpg",
     keypoints: str | os.PathLike | None = None,
     min_keypoints: int = 1,
+    condition: Extractor | None = None,
 ) -> dict[str, Any]:
-    """Convert COCO instances and/or person keypoints (+ captions) to shards under `out`, resuming; returns the summary."""
+    """Convert COCO instances and/or person keypoints (+ captions) to shards under `out`, resuming; returns the summary.
+    `condition` adds a map to every sample (`ShardWriter`)."""
     if instances is None and keypoints is None:
         raise UserError("from-coco needs an instances JSON, a keypoints JSON (--keypoints), or both")
     data = load_coco_json(instances or keypoints, ("images", "annotations", "categories"))
@@ -144,6 +149,6 @@ def write_coco_shards(
             return [Sample(key, image, texts[0]["caption"].strip(), entities)]
         return [Sample(f"{key}_{safe_key(c.get('id'))}", image, c["caption"].strip(), entities) for c in texts]
 
-    with ShardWriter(out, options, samples_per_shard, image_format) as writer:
+    with ShardWriter(out, options, samples_per_shard, image_format, condition) as writer:
         writer.consume(images, convert, total=len(images), desc="from-coco")
     return writer.summary()

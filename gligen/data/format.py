@@ -7,6 +7,8 @@ A sample is a group of files sharing a key (webdataset's convention, so keys hol
                     "entities": [{"phrase": str, "box": [x0, y0, x1, y1],
                                   "tokens_positive": [[start, end], ...]}]}
     KEY.ref0.jpg   optional reference image of entity 0 (text-image adapters), KEY.ref1.jpg ...
+    KEY.canny.png  optional condition map (map adapters): KEY.<type>.png for a type of `gligen.maps`,
+                   in its encoding there (sem: one-channel ADE20K labels); always PNG, lossless
 
 Boxes are normalized xyxy (origin top-left); `tokens_positive` (optional) are character
 spans of the phrase in the caption. Shards are read with webdataset's own machinery, so a
@@ -34,6 +36,8 @@ from PIL import Image
 from gligen.errors import UserError
 from gligen.files import check_pixels, to_rgb
 from gligen.layout import Entity, entity_from_dict
+from gligen.maps import CONDITION_TYPES, LABEL_TYPES
+from gligen.maps.encode import labels_of
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _PIL_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -53,13 +57,16 @@ class SampleError(UserError, ValueError):
 
 @dataclass
 class Sample:
-    """One training example. `references[i]` is entity i's reference image, or None."""
+    """One training example. `references[i]` is entity i's reference image, or None; `condition` a map's type
+    and `condition_map` the map (`gligen.maps`), or None."""
 
     key: str
     image: Image.Image
     caption: str
     entities: list[Entity]
     references: list[Image.Image | None] = field(default_factory=list)
+    condition: str | None = None
+    condition_map: Image.Image | None = None
 
 
 def encode_sample(sample: Sample, image_format: str = "jpg") -> dict[str, Any]:
@@ -83,6 +90,10 @@ def encode_sample(sample: Sample, image_format: str = "jpg") -> dict[str, Any]:
     for i, reference in enumerate(sample.references):
         if reference is not None:
             out[f"ref{i}.{image_format}"] = encode_image(reference, image_format)
+    if sample.condition_map is not None:
+        buffer = io.BytesIO()
+        sample.condition_map.save(buffer, format="PNG")
+        out[f"{sample.condition}.png"] = buffer.getvalue()
     return out
 
 
@@ -159,7 +170,22 @@ def decode_sample(raw: dict[str, Any]) -> Sample:
     references = [_reference(raw, i, where) for i in range(len(entities))]
     if not any(r is not None for r in references):
         references = []
-    return Sample(key, image, caption, entities, references)
+    condition = next((kind for kind in CONDITION_TYPES if f"{kind}.png" in raw), None)
+    condition_map = decode_map(raw[f"{condition}.png"], condition, f"{where} {condition}.png") if condition else None
+    return Sample(key, image, caption, entities, references, condition, condition_map)
+
+
+def decode_map(data: bytes, kind: str, where: str) -> Image.Image:
+    """A condition map's bytes: RGB, or a label map's labels (`gligen.maps.encode.labels_of`); else `SampleError`."""
+    if kind not in LABEL_TYPES:
+        return decode_image(data, where)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return labels_of(image, kind, where)
+    except UserError as error:
+        raise SampleError(where, "invalid condition map", str(error).removeprefix(f"{where}: ")) from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise SampleError(where, "unreadable image", str(error)) from None
 
 
 def _reference(raw: dict[str, Any], index: int, where: str) -> Image.Image | None:

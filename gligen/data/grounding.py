@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gligen.data.coco import by_image, coco_box, load_coco_json, open_coco_image
 from gligen.data.format import Sample, SampleError, safe_key
 from gligen.data.writer import ShardWriter
 from gligen.layout import Entity, Span
+
+if TYPE_CHECKING:
+    from gligen.maps.extract import Extractor
 
 
 def phrase_spans(tokens_positive: Any, caption: str) -> tuple[Span, ...] | None:
@@ -38,8 +41,10 @@ def write_grounding_shards(
     out: str | os.PathLike,
     samples_per_shard: int = 1000,
     image_format: str = "jpg",
+    condition: Extractor | None = None,
 ) -> dict[str, Any]:
-    """Convert MDETR-style grounding data to shards under `out`, resuming; returns the summary."""
+    """Convert MDETR-style grounding data to shards under `out`, resuming; returns the summary.
+    `condition` adds a map to every sample (`ShardWriter`)."""
     data = load_coco_json(annotations, ("images", "annotations"))
     boxes_of = by_image(data["annotations"])
     entries = sorted(data["images"], key=lambda e: e.get("id", 0))
@@ -69,6 +74,6 @@ def write_grounding_shards(
             raise SampleError(where, "image without usable boxes")
         return [Sample(safe_key(entry.get("id")), image, caption, entities)]
 
-    with ShardWriter(out, options, samples_per_shard, image_format) as writer:
+    with ShardWriter(out, options, samples_per_shard, image_format, condition) as writer:
         writer.consume(entries, convert, total=len(entries), desc="from-grounding")
     return writer.summary()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import webdataset as wds
 from PIL import Image
@@ -27,6 +27,9 @@ from gligen.data.writer import ShardWriter, attempt
 from gligen.errors import UserError
 from gligen.files import parse_json, read_text
 from gligen.layout import Layout
+
+if TYPE_CHECKING:
+    from gligen.maps.extract import Extractor
 
 Labeler = Callable[[list[Image.Image], list[str]], list[Layout]]
 """(images, captions) -> one layout per image, entities with boxes and char spans in the caption
@@ -94,8 +97,10 @@ def write_pseudo_label_shards(
     samples_per_shard: int = 1000,
     image_format: str = "jpg",
     batch_size: int = 8,
+    condition: Extractor | None = None,
 ) -> dict[str, Any]:
-    """Label the pairs, `batch_size` at a time, into shards under `out`, resuming; returns the summary."""
+    """Label the pairs, `batch_size` at a time, into shards under `out`, resuming; returns the summary.
+    `condition` adds a map to every sample (`ShardWriter`)."""
 
     def convert_batch(batch: list[Pair]) -> list[list[Sample] | SampleError]:
         images = [attempt(_load, pair) for pair in batch]
@@ -107,7 +112,7 @@ def write_pseudo_label_shards(
         return results
 
     total = len(pairs) if isinstance(pairs, list) else None
-    with ShardWriter(out, dict(options, command="pseudo-label"), samples_per_shard, image_format) as writer:
+    with ShardWriter(out, dict(options, command="pseudo-label"), samples_per_shard, image_format, condition) as writer:
         writer.consume_batches(pairs, convert_batch, total, "pseudo-label", batch_size)
     return writer.summary()
 

@@ -18,7 +18,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -29,6 +29,9 @@ from gligen.data.writer import ShardWriter
 from gligen.errors import require
 from gligen.files import save_image, write_json
 from gligen.layout import Entity, Layout, save_layouts
+
+if TYPE_CHECKING:
+    from gligen.maps.extract import Extractor
 
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
 COLORS = {
@@ -207,11 +210,13 @@ def shape_layouts(n: int, size: int = 64, seed: int = 1) -> Iterator[Layout]:
         yield render(sample_scene(seed, index), size, seed=index)[1]
 
 
-def write_shards(out: str, n: int, size: int = 64, seed: int = 0, samples_per_shard: int = 1000) -> dict:
-    """Scenes 0..n-1 as PNG shards under `out`, resuming a previous run; returns the summary."""
+def write_shards(out: str, n: int, size: int = 64, seed: int = 0, samples_per_shard: int = 1000,
+                 condition: Extractor | None = None) -> dict:
+    """Scenes 0..n-1 as PNG shards under `out`, resuming a previous run; returns the summary.
+    `condition` adds a map to every sample (`ShardWriter`)."""
     _check_size(size)
     options = {"command": "shapes", "n": n, "size": size, "seed": seed}
-    with ShardWriter(out, options, samples_per_shard, image_format="png") as writer:
+    with ShardWriter(out, options, samples_per_shard, "png", condition) as writer:
         writer.consume(range(n), lambda i: [shape_sample(seed, i, size)], total=n, desc="shapes")
     return writer.summary()
 

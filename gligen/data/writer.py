@@ -19,7 +19,7 @@ import os
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, TypeVar
 
 import webdataset as wds
 from tqdm import tqdm
@@ -27,6 +27,9 @@ from tqdm import tqdm
 from gligen.data.format import Sample, SampleError, encode_sample
 from gligen.errors import UserError, progress
 from gligen.files import atomic_path, naming_os_errors, write_json
+
+if TYPE_CHECKING:
+    from gligen.maps.extract import Extractor
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -40,7 +43,8 @@ class ShardWriter:
     """Write samples into numbered tar shards under `out_dir`, resuming a previous run.
 
     `options` describes the job (command, sources, flags); resuming with different options
-    is refused, since the inputs done so far would not match.
+    is refused, since the inputs done so far would not match. `condition` (a `gligen.maps.extract.Extractor`)
+    adds its map to every sample that has none.
 
         with ShardWriter(out, {"command": "shapes", "n": 100}) as writer:
             writer.consume(items, convert, total=len(items))
@@ -52,6 +56,7 @@ class ShardWriter:
         options: dict[str, Any],
         samples_per_shard: int = 1000,
         image_format: str = "jpg",
+        condition: Extractor | None = None,
     ):
         if samples_per_shard < 1:
             raise UserError(f"samples per shard must be at least 1, got {samples_per_shard}")
@@ -59,6 +64,9 @@ class ShardWriter:
         self.samples_per_shard = samples_per_shard
         self.image_format = image_format
         self.options = dict(options, samples_per_shard=samples_per_shard, image_format=image_format)
+        self.condition = condition
+        if condition is not None:
+            self.options.update(condition.options())
         self.state = self._load_state()
         self._pending_inputs = 0
         self._pending_dropped: Counter = Counter()
@@ -150,6 +158,8 @@ class ShardWriter:
         """Write the samples of one input. A shard is closed after the input that fills it, so
         the samples of one input never straddle two shards (a shard may exceed its size by a few)."""
         for sample in samples:
+            if self.condition is not None and sample.condition_map is None:
+                sample.condition, sample.condition_map = self.condition.kind, self.condition(sample.image)
             if self._tar is None:
                 self._open_shard()
             self._tar.write(encode_sample(sample, self.image_format))

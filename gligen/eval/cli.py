@@ -73,6 +73,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score.add_argument("--clip-model", help="CLIP model directory: adds CLIP score")
     score.add_argument("--pose-model", help="VitPose directory (transformers VitPoseForPoseEstimation): adds the "
                        "keypoint AP of the layout persons' poses")
+    score.add_argument("--condition-fidelity", action="store_true",
+                       help="layouts with a 'condition' map: the same map made from each image, compared with it "
+                            "(canny: edge F1, depth: scale-invariant RMSE, normal: mean angle, sem: mIoU)")
+    score.add_argument("--segmenter", help="sem fidelity: a transformers ADE20K segmenter (directory or hub id)")
+    from gligen.maps.cli import add_extractor_options
+
+    add_extractor_options(score, "--condition-model")
     _add_device_arguments(score, cuda_dtype="fp32")  # AP: full precision; the detector is cheap
     score.add_argument("--out", required=True, type=Output, help="folder for the reports")
     score.set_defaults(func=_score)
@@ -165,7 +172,7 @@ def _score(args: argparse.Namespace) -> None:
 
 
 def _quality_metrics(args: argparse.Namespace, eval_set: EvalSet, images: str | Path) -> dict[str, float]:
-    """FID and CLIP score, when their inputs are given."""
+    """FID, CLIP score and condition fidelity, when their inputs are given."""
     from gligen.eval import fid
     from gligen.eval.score import find_images
 
@@ -179,4 +186,8 @@ def _quality_metrics(args: argparse.Namespace, eval_set: EvalSet, images: str | 
         metrics["CLIP score"] = fid.clip_score([path for _, path in present],
                                                [record.layout.prompt for record, _ in present],
                                                args.clip_model, _device(args))
+    if args.condition_fidelity:
+        from gligen.maps.cli import fidelity_metrics
+
+        metrics.update(fidelity_metrics(find_images(eval_set.records, images, args.real_images)[0], args))
     return metrics

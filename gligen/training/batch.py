@@ -31,6 +31,7 @@ class TrainingBatch:
     keypoints [B][n_b]: each entity's 17 normalized (x, y, v) keypoints of the crop, or None;
     styles [B]: each sample's style image (text-image-box only), or None; both None for batches
     made without them.
+    maps: the condition maps of a map adapter's training, (B,3,R,R) in [-1,1] or (B,1,R,R) labels, else None.
     `reader` and `position` say which reader of the process made the batch and where that
     reader stands after it (what a checkpoint saves); None for batches made otherwise.
     """
@@ -46,6 +47,7 @@ class TrainingBatch:
     crops_top_left: torch.Tensor
     keypoints: list[list[Keypoints | None]] | None = None
     styles: list[Image.Image | None] | None = None
+    maps: torch.Tensor | None = None
     reader: int | None = None
     position: DataPosition | None = None
 

@@ -32,9 +32,13 @@ class ModelConfig:
 
     base: str = "CompVis/stable-diffusion-v1-4"  # diffusers SD directory or hub id
     revision: str | None = None
-    feature_type: Literal["text-box", "text-image-box", "keypoint"] = "text-box"
+    feature_type: Literal["text-box", "text-image-box", "keypoint"] | None = "text-box"  # null: no boxes (a map adapter)
     max_persons: int = 8  # keypoint: persons grounded per image (17 tokens each), as the official release
     inpaint: bool = False  # 5 zero-initialised input channels; the boxes are masked out of the image
+    # a map adapter (`gligen.maps`): shards written with `--condition TYPE`; sem maps need label files
+    condition: Literal["canny", "hed", "depth", "normal", "sem"] | None = None
+    condition_backbone: str | None = None  # transformers ConvNeXt initialising the map tokenizer (facebook/convnext-tiny-224)
+    condition_resize_input: int = 256  # the map tokenizer's input side (official: 256 at 512 px, 64 tokens)
     image_encoder: str | None = None  # CLIP model (vision + text projection) for text-image-box
     adapter: str | None = None  # start from this adapter directory instead of a fresh one
 
@@ -133,6 +137,9 @@ class TrainConfig:
             (not (self.model.feature_type == "text-image-box" and not self.model.image_encoder),
              "model.image_encoder", "is required for feature_type text-image-box"),
             (bool(self.data.shards), "data.shards", "must name the training shards"),
+            (self.model.feature_type is not None or self.model.condition is not None, "model.feature_type",
+             "may be null only with a model.condition (a map adapter)"),
+            (not (self.model.condition and self.model.inpaint), "model.inpaint", "cannot go with a model.condition"),
             (self.timestep_range is None or len(self.timestep_range) == 2 and 0 <= self.timestep_range[0]
              < self.timestep_range[1], "timestep_range", "must be [first, end) with 0 <= first < end"),
         ]

@@ -40,6 +40,8 @@ from PIL import Image
 from gligen.data.format import Sample, SampleError, decode_sample, is_remote, shard_urls, tar_is_complete
 from gligen.errors import UserError
 from gligen.pose import Keypoints, flipped
+from gligen.maps import LABEL_TYPES
+from gligen.maps.encode import map_tensor
 from gligen.training.batch import TrainingBatch
 from gligen.training.config import DataConfig
 
@@ -77,6 +79,7 @@ class TrainingSample:
     crop_top_left: tuple[int, int]
     keypoints: list[Keypoints | None] = field(default_factory=list)
     style: Image.Image | None = None
+    condition_map: torch.Tensor | None = None  # (3, R, R) in [-1, 1] or (1, R, R) labels (`gligen.maps.encode`)
 
 
 _LEFT_RIGHT = re.compile(r"\b(left|right|Left|Right|LEFT|RIGHT)\b")
@@ -88,8 +91,10 @@ def swap_left_right(text: str) -> str:
     return _LEFT_RIGHT.sub(lambda m: _SWAP[m.group(0)], text)
 
 
-def augment(sample: Sample, config: DataConfig, rng: random.Random, with_references: bool = False) -> TrainingSample:
-    """Resize, crop, flip a sample and move, filter and cap its boxes (see the module docstring).
+def augment(sample: Sample, config: DataConfig, rng: random.Random, with_references: bool = False,
+            condition: str | None = None) -> TrainingSample:
+    """Resize, crop, flip a sample and move, filter and cap its boxes (see the module docstring); the
+    `condition` map, when asked for, goes through the same resize, crop and flip (label maps: nearest).
 
     The random draws happen in a fixed order (crop x, crop y, flip, caption drop, then with
     `with_references` and a `style_prob` the style crop), so a sample's augmentation depends
@@ -106,11 +111,14 @@ def augment(sample: Sample, config: DataConfig, rng: random.Random, with_referen
         left, top = (new_w - size) // 2, (new_h - size) // 2
     flip = config.random_flip and rng.random() < 0.5
     drop_caption = rng.random() < config.caption_drop
-    image = image.crop((left, top, left + size, top + size))
-    if flip:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    image = _crop_flip(image, left, top, size, flip)
     with_style = with_references and config.style_prob > 0 and rng.random() < config.style_prob
     style = _style_crop(image, rng) if with_style else None
+    condition_map = None
+    if condition is not None:
+        resample = Image.NEAREST if condition in LABEL_TYPES else Image.BICUBIC
+        fitted = _crop_flip(sample.condition_map.resize((new_w, new_h), resample), left, top, size, flip)
+        condition_map = map_tensor(fitted, condition)
 
     kept = []
     for index, entity in enumerate(sample.entities):
@@ -130,7 +138,12 @@ def augment(sample: Sample, config: DataConfig, rng: random.Random, with_referen
     cache_key = f"{sample.key}|{left},{top},{int(flip)},{size}"
     crop_top_left = (top, new_w - size - left if flip else left)
     return TrainingSample(pixels, caption, phrases, [box for _, _, box in kept], references, cache_key,
-                          (height, width), crop_top_left, keypoints, style)
+                          (height, width), crop_top_left, keypoints, style, condition_map)
+
+
+def _crop_flip(image: Image.Image, left: int, top: int, size: int, flip: bool) -> Image.Image:
+    image = image.crop((left, top, left + size, top + size))
+    return image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image
 
 
 def _crop_box(box, width: int, height: int, left: int, top: int, size: int, flip: bool):
@@ -191,6 +204,7 @@ def collate(samples: Sequence[TrainingSample], max_entities: int) -> TrainingBat
         crops_top_left=torch.tensor([s.crop_top_left for s in samples], dtype=torch.float32),
         keypoints=[s.keypoints for s in samples],
         styles=[s.style for s in samples],
+        maps=torch.stack([s.condition_map for s in samples]) if samples[0].condition_map is not None else None,
     )
 
 
@@ -211,6 +225,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         world_size: int = 1,
         positions: dict[int, DataPosition] | None = None,
         with_references: bool = False,
+        condition: str | None = None,
     ):
         super().__init__()
         self.config = config
@@ -220,6 +235,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.world_size = world_size
         self.positions = dict(positions or {})
         self.with_references = with_references
+        self.condition = condition
         self.urls = check_shards(config)
         readers = world_size * max(1, config.num_workers)
         if len(self.urls) < readers:
@@ -264,9 +280,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
                     except SampleError as error:
                         self._skip(position, error.reason, str(error))
                         continue
+                    if self.condition is not None and sample.condition != self.condition:
+                        self._skip(position, f"no {self.condition} map", f"{url} key {sample.key}: no "
+                                   f"{self.condition}.png (write the shards with --condition {self.condition})")
+                        continue
                     barren = []
                     rng = random.Random(f"{self.seed}:{position.epoch}:{name}:{index}")
-                    yield augment(sample, self.config, rng, self.with_references)
+                    yield augment(sample, self.config, rng, self.with_references, self.condition)
                 position.shard += 1
                 position.sample = 0
                 if len(barren) >= len(order):

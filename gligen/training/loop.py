@@ -93,6 +93,7 @@ def train(trainer: Trainer) -> Path:
     dataset = ShardDataset(
         config.data, config.batch_size, config.seed, accelerator.process_index, accelerator.num_processes,
         trainer.positions, with_references=trainer.adapter.config.feature_type == "text-image-box",
+        condition=trainer.adapter.condition_type,
     )
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=config.data.num_workers,
                                          worker_init_fn=ignore_stop_signals)

@@ -14,7 +14,8 @@ from gligen.bundled import resolve_model
 from gligen.errors import UserError
 from gligen.grounding import GroundingInputs
 from gligen.prompts import PromptEmbeds
-from gligen.training.config import TrainConfig
+from gligen.maps.nets import MapConfig
+from gligen.training.config import ModelConfig, TrainConfig
 
 
 class GroundedUNet(nn.Module):
@@ -37,6 +38,9 @@ class GroundedUNet(nn.Module):
                 time_ids: torch.Tensor | None = None) -> torch.Tensor:
         tokens = self.adapter.tokens(grounding)
         kwargs = self.adapter.cross_attention_kwargs(tokens, 1.0)
+        channels = self.adapter.map_channels(grounding, sample.shape[2:])
+        if channels is not None:  # the map's channels, whether or not its tokens are dropped (as official GLIGEN)
+            sample = torch.cat([sample, channels.to(sample.dtype)], dim=1)
         return self.unet(sample, timesteps, cross_attention_kwargs=kwargs, **prompt.unet_kwargs(time_ids)).sample
 
 
@@ -85,11 +89,16 @@ def make_adapter(config: TrainConfig, base: FrozenBase) -> GroundingAdapter:
         adapter.check_fits(base.unet)
     else:
         image_dim = base.image_encoder.config.projection_dim if base.image_encoder is not None else None
+        backbone = condition = None
+        if config.model.condition is not None:
+            backbone, condition = map_condition(config.model)
         adapter = GroundingAdapter.for_unet(
             base.unet, config.model.feature_type, positive_len=base.prompt_encoder().phrase_dim,
-            inpaint=config.model.inpaint, image_embed_dim=image_dim, base_model=config.model.base,
+            inpaint=config.model.inpaint, image_embed_dim=image_dim, base_model=config.model.base, condition=condition,
             max_persons=config.model.max_persons if config.model.feature_type == "keypoint" else None,
         )
+        if backbone is not None:
+            adapter.map_tokenizer.convnext_tiny_backbone.load_state_dict(backbone.state_dict())
         if adapter.image_projection is not None:
             # image embeddings are mapped back into the text space by the transposed CLIP text projection
             projection = base.image_projection.weight
@@ -101,6 +110,16 @@ def make_adapter(config: TrainConfig, base: FrozenBase) -> GroundingAdapter:
             adapter.image_projection.weight.data.copy_(projection)
     adapter.config.max_entities = config.data.max_entities
     return adapter
+
+
+def map_condition(config: ModelConfig) -> tuple[nn.Module | None, MapConfig]:
+    """The map tokenizer's initial ConvNeXt (`model.condition_backbone`; None: random, ConvNeXt-T) and its config."""
+    from gligen.maps.convnext import from_transformers
+
+    backbone = from_transformers(config.condition_backbone) if config.condition_backbone else None
+    shape = {"depths": list(backbone.depths), "dims": list(backbone.dims)} if backbone is not None else {}
+    data = {"type": config.condition, "resize_input": config.condition_resize_input, **shape}
+    return backbone, MapConfig.from_dict(data, "config key model.condition_resize_input")
 
 
 def set_attention(unet: nn.Module, kind: str) -> None:

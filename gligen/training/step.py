@@ -2,8 +2,10 @@
 
     latents = VAE(crop) ; t ~ U(timestep_range), noise ~ N ; x_t = add_noise(latents, noise, t)
     grounding tokens = position_net(boxes, phrase embeddings [, reference and style images] | keypoints)
+                       [+ map_tokenizer(map)]      (map adapters)
                        (null for `grounding_drop` of the samples)
-    loss = || UNet(x_t [, masked latents, mask], t, caption embeddings, tokens) - noise ||^2   (or - velocity)
+    loss = || UNet(x_t [, masked latents, mask | , downsampler(map)], t, caption embeddings, tokens) - noise ||^2
+           (or - velocity)
 
 On SDXL the UNet also gets the caption's pooled embedding and the time ids of the crop: the
 image's original size, the crop's top-left corner and the training resolution.
@@ -38,7 +40,7 @@ def loss(trainer: Trainer, batch: TrainingBatch | Mapping[str, Any], grounding_d
     timesteps = torch.randint(*trainer.timesteps, (latents.shape[0],), generator=trainer.generator).to(trainer.device)
     noise = torch.randn(latents.shape, generator=trainer.generator).to(trainer.device)
     model_input = trainer.noise_scheduler.add_noise(latents, noise, timesteps)
-    if trainer.adapter.conv_in_extra is not None:
+    if trainer.adapter.inpaints:
         model_input = torch.cat([model_input, *box_inpaint_input(latents, batch.boxes, batch.masks)], dim=1)
     text = encode_captions(trainer, batch.captions)
     grounding = grounding_inputs(trainer, batch, grounding_drop)
@@ -122,6 +124,8 @@ def grounding_inputs(trainer: Trainer, batch: TrainingBatch | Mapping[str, Any],
     for name in ("masks", "image_masks", "phrase_masks", "point_masks"):
         if getattr(inputs, name) is not None:
             setattr(inputs, name, getattr(inputs, name) * keep[:, None])
+    if batch.maps is not None:  # the map's tokens are dropped with the rest; its channels stay (`GroundedUNet`)
+        inputs.maps, inputs.map_masks = batch.maps.to(trainer.device), keep
     return inputs
 
 

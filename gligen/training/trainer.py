@@ -121,7 +121,7 @@ class Trainer:
         if config.validation.grounding_gain_samples:  # a fixed batch, from another seed than training's
             with_references = self.adapter.config.feature_type == "text-image-box"
             gain_data = ShardDataset(config.data, config.validation.grounding_gain_samples, config.seed + 1,
-                                     with_references=with_references)
+                                     with_references=with_references, condition=self.adapter.condition_type)
             self.gain_batch = next(iter(gain_data))
 
     @property

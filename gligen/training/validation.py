@@ -55,7 +55,7 @@ def validation_grid(trainer: Trainer) -> Path | None:
         pipe = GligenPipeline.from_base(trainer.base, adapter)
         pipe.scheduler = DDIMScheduler.from_config(trainer.noise_scheduler.config)
         kwargs = {}
-        if adapter.conv_in_extra is not None:  # repaint the boxes of a plain grey picture
+        if adapter.inpaints:  # repaint the boxes of a plain grey picture
             kwargs["inpaint_image"] = [Image.new("RGB", (lay.width, lay.height), (128, 128, 128)) for lay in layouts]
         with trainer.accelerator.autocast():
             images = pipe(layouts, num_inference_steps=config.num_inference_steps,
