@@ -1,4 +1,5 @@
-"""Loading Grounding DINO checkpoints, and converting the official IDEA-Research release.
+"""Loading detector checkpoints (configs of every family, Grounding DINO models), and converting
+the official IDEA-Research Grounding DINO release.
 
 `load_detector` opens anything transformers' `GroundingDinoForObjectDetection` (or
 `MMGroundingDinoForObjectDetection`, when the config says `mm-grounding-dino`) opens: a local
@@ -16,7 +17,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -49,8 +50,9 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def load_config(path_or_id: str):
-    """The checkpoint's config; a `UserError` when `path_or_id` is no Grounding DINO checkpoint."""
+def load_config(path_or_id: str, model_types: Mapping[str, object] = MODEL_CLASSES):
+    """The checkpoint's config; a `UserError` when `path_or_id` is no checkpoint of one of `model_types`
+    (default: the Grounding DINO family, which `load_detector` and `detector train` take)."""
     local = Path(path_or_id)
     if local.is_file():
         raise UserError(
@@ -63,10 +65,10 @@ def load_config(path_or_id: str):
         config = AutoConfig.from_pretrained(path_or_id)
     except (OSError, ValueError) as error:
         raise UserError(f"{path_or_id}: cannot load a detector checkpoint ({_first_line(error)})") from error
-    if config.model_type not in MODEL_CLASSES:
+    if config.model_type not in model_types:
+        kind = "Grounding DINO checkpoint" if model_types is MODEL_CLASSES else "detector this project runs"
         raise UserError(
-            f"{path_or_id}: model_type {config.model_type!r} is no Grounding DINO checkpoint "
-            f"(expected one of {sorted(MODEL_CLASSES)})"
+            f"{path_or_id}: model_type {config.model_type!r} is no {kind} (expected one of {sorted(model_types)})"
         )
     return config
 

@@ -14,6 +14,7 @@ from transformers.models.grounding_dino import GroundingDinoImageProcessorPil
 from detector import OpenSetDetector, box_iou, split_prompts
 from detector.box_ops import batched_nms
 from detector.cli import main
+from detector.grounding_dino import GroundingDinoDetector
 from detector.preprocess import ImageSettings, preprocess
 from tests.tiny_detector import save_tiny_detector
 
@@ -103,7 +104,7 @@ def test_detections_equal_transformers_pipeline(tiny_dir, detector):
             assert abs(float(result.scores[j]) - float(score)) < 1e-3
             assert int(result.phrase_ids[j]) == int(pid)
             compared += 1
-        assert torch.allclose(result.pixel_boxes(), result.boxes * torch.tensor([w, h, w, h]))
+        assert torch.allclose(result.pixel_boxes().float(), result.boxes * torch.tensor([w, h, w, h]))
         assert result.labels == [phrases[b][i] for i in result.phrase_ids.tolist()]
         assert torch.all(result.scores[:-1] >= result.scores[1:])
     assert compared >= 10
@@ -130,7 +131,7 @@ def test_mean_phrase_score_is_mean_of_token_probabilities(detector):
 def test_chunked_prompts_merge_like_separate_prompts(detector):
     image = random_image(100, 140, 7)
     phrases = ["a cat", "a dog", "a red car", "tree", "a tall person", "sofa", "lamp"]
-    chunked = OpenSetDetector(detector.model, detector.tokenizer, detector.settings)
+    chunked = GroundingDinoDetector(detector.model, detector.tokenizer, detector.settings)
     chunked.max_tokens = 8  # forces several prompts
     prompts = split_prompts(phrases, detector.tokenizer, 8)
     assert len(prompts) >= 3
