@@ -1,6 +1,7 @@
 """`detector` command line: detect phrases in images, convert official checkpoints.
 
     detector detect IMAGE... --phrases "a cat" "a dog" [--model M] [--out result.json] [--overlay DIR]
+    detector detect IMAGE... --exemplar REF.jpg:x0,y0,x1,y1 [--exemplar ...] --model OWLV2
     detector convert groundingdino_swint_ogc.pth --out grounding-dino-tiny/
 """
 
@@ -22,7 +23,8 @@ DEFAULT_MODEL = "IDEA-Research/grounding-dino-tiny"
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model, --device, --dtype: shared by every subcommand that runs the detector."""
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="HF Grounding DINO directory or hub id")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="detector directory or hub id: Grounding DINO, MM-Grounding-DINO, OWLv2 or Florence-2")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
 
@@ -34,9 +36,10 @@ def add_output_args(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def add_threshold_args(parser: argparse.ArgumentParser) -> None:
-    """--box-threshold and --text-threshold, both in [0, 1]."""
-    parser.add_argument("--box-threshold", type=fraction, default=0.35, help="detection score threshold")
-    parser.add_argument("--text-threshold", type=fraction, default=0.25, help="phrase token threshold")
+    """--box-threshold, --text-threshold: the detector family's defaults unless given."""
+    parser.add_argument("--box-threshold", type=fraction,
+                        help="detection score threshold (default: the family's, 0.35 Grounding DINO, 0.1 OWLv2)")
+    parser.add_argument("--text-threshold", type=fraction, help="phrase token threshold, Grounding DINO (default 0.25)")
 
 
 def load_from_args(args: argparse.Namespace):
@@ -69,11 +72,15 @@ def write_outputs(report: dict, out: str | None, overlay_dir: str | None, paths:
 def run_detect(args: argparse.Namespace) -> None:
     from gligen.files import open_image
 
-    require(len(args.phrases) > 0, "--phrases is empty: give at least one phrase to detect")
+    from detector.exemplars import parse_exemplar
+
+    require(args.phrases is None or len(args.phrases) > 0, "--phrases is empty: give at least one phrase to detect")
+    require(bool(args.phrases or args.exemplar), "give --phrases, --exemplar or both: nothing to detect")
     images = [open_image(path) for path in args.images]
+    exemplars = [parse_exemplar(spec) for spec in args.exemplar]
     detector = load_from_args(args)
     results = detector.detect(
-        images, args.phrases, box_threshold=args.box_threshold, text_threshold=args.text_threshold,
+        images, args.phrases, exemplars, box_threshold=args.box_threshold, text_threshold=args.text_threshold,
         phrase_score=args.phrase_score, nms_iou=args.nms_iou, batch_size=args.batch_size,
     )
     report = {"model": args.model, "images": [{"image": p, **r.to_dict()} for p, r in zip(args.images, results)]}
@@ -87,7 +94,11 @@ def run_detect(args: argparse.Namespace) -> None:
 def register_detect(subparsers) -> None:
     p = subparsers.add_parser("detect")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--phrases", nargs="*", required=True, help="phrases to detect (each one argument)")
+    p.add_argument("--phrases", nargs="*", help="phrases to detect (each one argument)")
+    p.add_argument("--exemplar", action="append", default=[], metavar="[LABEL=]REF.jpg[:x0,y0,x1,y1]",
+                   help="find what this box of a reference image shows (pixels, or normalized in [0, 1]; "
+                        "no box: the reference's most object-like region); repeat it, exemplars of one label "
+                        "are averaged into one query (OWLv2)")
     add_model_args(p)
     add_output_args(p, "the detections")
     add_threshold_args(p)
@@ -133,7 +144,7 @@ COMMANDS = [
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_commands("detector", "Open-set detection with Grounding DINO.", COMMANDS, argv)
+    return run_commands("detector", "Open-set detection (Grounding DINO, OWLv2, Florence-2).", COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ class Exemplar:
         w, h = self.image.size
         if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
             pixels = [round(v, 1) for v in (x0 * w, y0 * h, x1 * w, y1 * h)]
-            raise UserError(f"{self.where}: exemplar box {pixels} (pixels) is not a box inside the image ({w}x{h})")
+            raise UserError(f"{self.where}: exemplar box {pixels} (pixels) lies outside the image ({w}x{h}) or is empty")
         if min((x1 - x0) * w, (y1 - y0) * h) < 1:
             raise UserError(f"{self.where}: exemplar box is less than a pixel wide or high")
 

@@ -46,7 +46,7 @@ MODEL_CLASSES = {
 }
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
@@ -64,7 +64,7 @@ def load_config(path_or_id: str, model_types: Mapping[str, object] = MODEL_CLASS
     try:
         config = AutoConfig.from_pretrained(path_or_id)
     except (OSError, ValueError) as error:
-        raise UserError(f"{path_or_id}: cannot load a detector checkpoint ({_first_line(error)})") from error
+        raise UserError(f"{path_or_id}: cannot load a detector checkpoint ({first_line(error)})") from error
     if config.model_type not in model_types:
         kind = "Grounding DINO checkpoint" if model_types is MODEL_CLASSES else "detector this project runs"
         raise UserError(
@@ -99,7 +99,7 @@ def load_detector(path_or_id: str, device: torch.device | str = "cpu", dtype: to
         model = MODEL_CLASSES[config.model_type].from_pretrained(path_or_id, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path_or_id)
     except (OSError, ValueError) as error:
-        raise UserError(f"{path_or_id}: cannot load the detector ({_first_line(error)})") from error
+        raise UserError(f"{path_or_id}: cannot load the detector ({first_line(error)})") from error
     if not tokenizer.is_fast:
         raise UserError(f"{path_or_id}: the tokenizer has no fast version, which character spans need")
     return model.to(device).eval(), tokenizer, image_settings(path_or_id)
@@ -289,11 +289,11 @@ def convert_official(
         try:
             config = GroundingDinoConfig.from_pretrained(config)
         except (OSError, ValueError) as error:
-            raise UserError(f"{config}: cannot read a Grounding DINO config ({_first_line(error)})") from error
+            raise UserError(f"{config}: cannot read a Grounding DINO config ({first_line(error)})") from error
     try:
         text_tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     except (OSError, ValueError) as error:
-        raise UserError(f"cannot load tokenizer {tokenizer!r} ({_first_line(error)}); pass --tokenizer DIR") from error
+        raise UserError(f"cannot load tokenizer {tokenizer!r} ({first_line(error)}); pass --tokenizer DIR") from error
     hub_state, unknown = official_to_hub(state)
     if unknown:
         warn(f"warning: {len(unknown)} checkpoint entries not converted (first: {unknown[0]})")

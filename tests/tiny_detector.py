@@ -88,3 +88,58 @@ def save_tiny_detector(
     tiny_model(seed, num_queries).save_pretrained(path)
     tiny_processor(shortest_edge, longest_edge).save_pretrained(path)
     return path
+
+
+# ----------------------------------------------------------------------------- OWLv2
+
+
+def owl_tokenizer(directory: str | os.PathLike):
+    """OpenAI CLIP's tokenizer (bundled with gligen) set up as OWLv2's: 16 tokens, padded with "!" (id 0)."""
+    from gligen.convert import bundled_clip_tokenizer
+
+    tokenizer = bundled_clip_tokenizer(Path(directory))
+    tokenizer.model_max_length = 16
+    tokenizer.pad_token = "!"
+    return tokenizer
+
+
+def tiny_owlv2(seed: int = 0, image_size: int = 64, patch_size: int = 8):
+    """A random `Owlv2ForObjectDetection` (2-layer towers of width 32) in eval mode.
+
+    As for Grounding DINO, the heads are set so that outputs are informative: boxes about two
+    patches wide, a little off their patch, and a fixed logit shift and scale that spread the
+    scores over (0, 1) by the cosine similarity of patch and query.
+    """
+    from transformers import Owlv2Config, Owlv2ForObjectDetection
+
+    torch.manual_seed(seed)
+    config = Owlv2Config(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         max_position_embeddings=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=image_size, patch_size=patch_size),
+        projection_dim=32,
+    )
+    model = Owlv2ForObjectDetection(config).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.box_head.dense2.weight, std=0.005)  # its input has std ~10
+        model.box_head.dense2.bias.copy_(torch.tensor([0.0, 0.0, 1.0, 1.0]))
+        # logits (cosine - 0.5) * 8 in every patch: a near copy of the query scores ~0.98, a random patch ~0.02
+        model.class_head.logit_shift.weight.zero_()
+        model.class_head.logit_shift.bias.fill_(-0.5)
+        model.class_head.logit_scale.weight.zero_()
+        model.class_head.logit_scale.bias.fill_(7.0)  # elu(7) + 1 = 8
+        torch.nn.init.normal_(model.objectness_head.dense2.weight, std=1.0)
+    return model
+
+
+def save_tiny_owlv2(path: str | os.PathLike, seed: int = 0, image_size: int = 64, patch_size: int = 8) -> Path:
+    """Save a tiny random OWLv2 + its processor (scipy image processor, CLIP tokenizer) into `path`."""
+    from transformers import Owlv2Processor
+    from transformers.models.owlv2 import Owlv2ImageProcessorPil
+
+    path = Path(path)
+    tiny_owlv2(seed, image_size, patch_size).save_pretrained(path)
+    image_processor = Owlv2ImageProcessorPil(size={"height": image_size, "width": image_size})
+    Owlv2Processor(image_processor=image_processor, tokenizer=owl_tokenizer(path / "tokenizer_files")).save_pretrained(path)
+    return path
