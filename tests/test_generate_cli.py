@@ -234,23 +234,26 @@ def test_best_of_keeps_the_best_verified_candidate(gligen_dir, detector_dir, tmp
     assert len({(c["success_rate"], c["mean_iou"]) for c in candidates}) > 1  # the candidates differ
 
 
-@pytest.mark.parametrize("how", ["phrases", "caption"])
+@pytest.mark.parametrize("how", ["phrases", "caption", "vocabulary"])
 def test_layout_from_an_image(gligen_dir, detector_dir, tmp_path, how):
     from detector.detect import OpenSetDetector
-    from detector.label import label
+    from detector.label import label, name_objects
     from gligen.generate import layout_of_phrases
 
     source = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(source)
-    given = ["--phrases", "a cat", "a dog"] if how == "phrases" else ["--caption", "a cat and a dog on a sofa"]
+    (tmp_path / "names.txt").write_text("cat\ndog\nsofa\n")
+    given = {"phrases": ["--phrases", "a cat", "a dog"], "caption": ["--caption", "a cat and a dog on a sofa"],
+             "vocabulary": ["--vocabulary", tmp_path / "names.txt"]}[how]
     out = tmp_path / "out"
     assert gligen_cli("--model", gligen_dir, "--layout-from", source, *given, "--detector", detector_dir,
                       "--out", out, "--overlay") == 0
     record = json.loads((out / "photo.json").read_text())
     detector = OpenSetDetector.from_pretrained(str(detector_dir))
     image = Image.open(source).convert("RGB")
-    expected = (layout_of_phrases(detector, image, ["a cat", "a dog"]) if how == "phrases"
-                else label(detector, image, "a cat and a dog on a sofa"))
+    expected = {"phrases": lambda: layout_of_phrases(detector, image, ["a cat", "a dog"]),
+                "caption": lambda: label(detector, image, "a cat and a dog on a sofa"),
+                "vocabulary": lambda: name_objects(detector, [image], ["cat", "dog", "sofa"])[0]}[how]()
     assert expected.entities
     assert record["layout"]["entities"] == [e.to_dict() for e in expected.entities]
     assert record["layout"]["source"] == str(source)
@@ -258,9 +261,9 @@ def test_layout_from_an_image(gligen_dir, detector_dir, tmp_path, how):
     assert (out / "photo.overlay.png").is_file()
 
 
-def test_layout_from_needs_a_caption_or_phrases(gligen_dir, tmp_path, capsys):
-    _fails(capsys, tmp_path, ["--model", gligen_dir, "--layout-from", tmp_path / "x.png"],
-           "--layout-from needs either --caption or --phrases")
+def test_layout_from_takes_one_source_of_names(gligen_dir, tmp_path, capsys):
+    _fails(capsys, tmp_path, ["--model", gligen_dir, "--layout-from", tmp_path / "x.png", "--caption", "a cat",
+                              "--phrases", "a cat"], "--layout-from takes one of --caption, --phrases and --vocabulary")
 
 
 def test_reference_images_through_an_image_encoder(sd_and_adapter, tmp_path, capsys):
