@@ -219,3 +219,46 @@ def test_cli_bad_inputs(tiny_dir, tmp_path, capsys):
         assert code == 1, needle
         assert len(err) == 1 and err[0].startswith("detector: error: "), err
         assert needle in err[0].replace("is a file, not a detector", "not a detector"), err
+
+
+def test_cli_detect_over_a_directory_and_shards(tiny_dir, tmp_path):
+    """A directory (or tar shards) gives one JSONL per input shard, unreadable images counted, resumable."""
+    import webdataset as wds
+
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    pictures = {f"im{i}": random_image(60 + 10 * i, 90, 20 + i) for i in range(4)}
+    for name, picture in pictures.items():
+        picture.save(images / ("sub" if name == "im3" else "") / f"{name}.png")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    model = ["--model", str(tiny_dir), "--device", "cpu", "--box-threshold", "0.3", "--workers", "1"]
+    assert main(["detect", str(images), "--phrases", "a cat", "a dog", "--images-per-shard", "2",
+                 "--out", str(tmp_path / "out"), *model]) == 0
+    detector = OpenSetDetector.from_pretrained(str(tiny_dir))
+    lines = []
+    for path in sorted((tmp_path / "out").glob("detections-*.jsonl")):
+        lines += [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(list((tmp_path / "out").glob("detections-*.jsonl"))) == 3  # 5 files in shards of 2
+    assert [line["key"] for line in lines] == ["im0", "im1", "im2", "sub/im3"]  # broken.jpg sorts first, dropped
+    # each shard's readable images went through the detector as one batch: broken.jpg + im0 | im1, im2 | im3
+    expected = [found for batch in (["im0"], ["im1", "im2"], ["im3"])
+                for found in detector.detect([pictures[n] for n in batch], ["a cat", "a dog"], box_threshold=0.3)]
+    for line, expected in zip(lines, expected):
+        assert line["image_size"] == list(expected.image_size) and len(line["detections"]) == len(expected)
+        assert [d["score"] for d in line["detections"]] == pytest.approx(expected.scores.tolist(), abs=1e-4)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["inputs"], summary["images"], summary["shards_done"]) == (5, 4, 3)
+    assert summary["dropped"] == {"unreadable image": 1} and summary["detections"] == sum(len(x["detections"]) for x in lines)
+    assert main(["detect", str(images), "--phrases", "a cat", "a dog", "--images-per-shard", "2",
+                 "--out", str(tmp_path / "out"), *model]) == 0  # a rerun finds every shard done
+
+    with wds.TarWriter(str(tmp_path / "data-000000.tar"), encoder=False) as tar:
+        for name in ("im0", "im1"):
+            tar.write({"__key__": name, "png": (images / f"{name}.png").read_bytes()})
+    assert main(["detect", str(tmp_path / "data-{000000..000000}.tar"), "--phrases", "a cat", "a dog",
+                 "--out", str(tmp_path / "tar"), *model]) == 0
+    from_tar = [json.loads(line) for line in (tmp_path / "tar" / "detections-000000.jsonl").read_text().splitlines()]
+    assert [x["key"] for x in from_tar] == ["im0", "im1"]
+    for line, expected in zip(from_tar, detector.detect([pictures["im0"], pictures["im1"]], ["a cat", "a dog"],
+                                                        box_threshold=0.3)):
+        assert [d["score"] for d in line["detections"]] == pytest.approx(expected.scores.tolist(), abs=1e-4)
