@@ -21,8 +21,8 @@ from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
 from detector.detect import Found, OpenSetDetector, concat_found
 from detector.detections import Detections
-from detector.model import first_line
-from gligen.errors import UserError, require
+from detector.model import loading
+from gligen.errors import require
 
 TASKS = {"od": "<OD>", "dense": "<DENSE_REGION_CAPTION>"}
 PHRASE_TASK = "<OPEN_VOCABULARY_DETECTION>"
@@ -43,11 +43,9 @@ class Florence2Detector(OpenSetDetector):
 
     @classmethod
     def load(cls, path: str, config, device: torch.device, dtype: torch.dtype) -> "Florence2Detector":
-        try:
+        with loading(path):
             model = Florence2ForConditionalGeneration.from_pretrained(path, dtype=dtype)
             processor = AutoProcessor.from_pretrained(path)
-        except (OSError, ValueError) as error:
-            raise UserError(f"{path}: cannot load the detector ({first_line(error)})") from error
         return cls(model.to(device).eval(), processor)
 
     @torch.inference_mode()

@@ -13,11 +13,12 @@ file ever runs. Key names follow transformers' own conversion script
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -88,6 +89,15 @@ def image_settings(path_or_id: str) -> ImageSettings:
     )
 
 
+@contextlib.contextmanager
+def loading(path_or_id: str) -> Iterator[None]:
+    """Turn what transformers raises for a checkpoint it cannot load into one `UserError` naming it."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path_or_id}: cannot load the detector ({first_line(error)})") from error
+
+
 def load_detector(path_or_id: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     """(model in eval mode on `device` in `dtype`, fast tokenizer, image settings) of a checkpoint.
 
@@ -95,11 +105,9 @@ def load_detector(path_or_id: str, device: torch.device | str = "cpu", dtype: to
     """
     path_or_id = resolve_model(path_or_id, "detector")
     config = load_config(path_or_id)
-    try:
+    with loading(path_or_id):
         model = MODEL_CLASSES[config.model_type].from_pretrained(path_or_id, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path_or_id)
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path_or_id}: cannot load the detector ({first_line(error)})") from error
     if not tokenizer.is_fast:
         raise UserError(f"{path_or_id}: the tokenizer has no fast version, which character spans need")
     return model.to(device).eval(), tokenizer, image_settings(path_or_id)

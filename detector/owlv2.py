@@ -29,9 +29,9 @@ from transformers import AutoImageProcessor, AutoTokenizer, Owlv2ForObjectDetect
 from detector.box_ops import box_iou, cxcywh_to_xyxy
 from detector.detect import Found, OpenSetDetector
 from detector.exemplars import Exemplar
-from detector.model import first_line
+from detector.model import loading
 from detector.owl_preprocess import SquareSettings, preprocess_square
-from gligen.errors import UserError
+
 
 EXEMPLAR_IOU_SHARE = 0.8  # patches within 80% of the best IoU with the exemplar box are candidates
 
@@ -96,11 +96,9 @@ class Owlv2Detector(OpenSetDetector):
 
     @classmethod
     def load(cls, path: str, config, device: torch.device, dtype: torch.dtype) -> "Owlv2Detector":
-        try:
+        with loading(path):
             model = Owlv2ForObjectDetection.from_pretrained(path, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as error:
-            raise UserError(f"{path}: cannot load the detector ({first_line(error)})") from error
         return cls(model.to(device).eval(), tokenizer, square_settings(path))
 
     # -- queries ------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from gligen.data.format import IMAGE_EXTENSIONS, SampleError, decode_image, load_image, shard_urls
+from gligen.data.writer import dropped_lines
 from gligen.errors import UserError
 from gligen.files import write_json
 
@@ -234,11 +235,6 @@ def merge_progress(out: Path, shards: int) -> dict[str, Any]:
 def format_counts(summary: dict[str, Any]) -> str:
     """One readable paragraph: what was done and what was left out, by reason."""
     counts = ", ".join(f"{v} {k}" for k, v in summary.items() if k not in ("out", "shards", "shards_done", "dropped"))
-    lines = [f"{summary['out']}: {summary['shards_done']} of {summary['shards']} shards done: {counts}"]
-    if summary["dropped"]:
-        lines.append("dropped:")
-        lines += [f"  {count:>8}  {reason}" for reason, count in summary["dropped"].items()]
-    else:
-        lines.append("dropped: nothing")
-    return "\n".join(lines)
+    head = f"{summary['out']}: {summary['shards_done']} of {summary['shards']} shards done: {counts}"
+    return "\n".join([head, *dropped_lines(summary["dropped"])])
 
