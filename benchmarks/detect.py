@@ -26,8 +26,8 @@ the 1024-token limit.
 
 Without CUDA (or with --tiny) the tiny test configs at small image sizes stand in, one timed
 batch each: the script stays checkable anywhere; those figures say nothing about GPU speed.
-`--real --batches 1 --iters 1` runs the released shapes on a CPU, to check that path. `benchmarks/detect_grounding_dino.py` compares Grounding DINO with transformers in depth
-(fidelity, torch.compile).
+`--real --batches 1 --iters 1` runs the released shapes on a CPU, to check that path.
+`benchmarks/detect_grounding_dino.py` compares Grounding DINO with transformers in depth (fidelity, torch.compile).
 """
 
 from __future__ import annotations
