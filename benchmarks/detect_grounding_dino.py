@@ -72,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from detector.grounding_dino import GroundingDinoDetector  # noqa: E402
 from detector.preprocess import ImageSettings, preprocess  # noqa: E402
 from gligen.files import write_json  # noqa: E402
-from tests.tiny_detector import tiny_config, tiny_model, tokenizer_dir  # noqa: E402
+from tests.tiny_detector import spread_outputs, tiny_model, tokenizer_dir  # noqa: E402
 
 PHRASES = ["a cat", "a dog", "a person", "a red car"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -90,21 +90,14 @@ def random_model(tiny: bool, device: torch.device, mm: bool = False) -> Groundin
     """
     from transformers import MMGroundingDinoConfig, MMGroundingDinoForObjectDetection
 
-    if tiny and not mm:
-        return tiny_model().to(device)  # the tiny test model, spread the same way for its 32 dims
+    if tiny:
+        return tiny_model(mm=mm).to(device)  # the tiny test model, spread the same way for its 32 dims
     config_class, model_class = ((MMGroundingDinoConfig, MMGroundingDinoForObjectDetection) if mm
                                  else (GroundingDinoConfig, GroundingDinoForObjectDetection))
     torch.manual_seed(0)
     with device:  # initialise on the GPU directly
-        model = model_class(config_class(**tiny_config().to_dict()) if tiny else config_class()).eval()
-    # scales for d_model 256 (32 tiny): scores over about (0.3, 0.9), box widths (0.05, 0.8)
-    scale, std = (0.1, 2.0) if tiny else (0.04, 0.7)
-    with torch.no_grad():
-        model.model.decoder.layer_norm.weight.mul_(scale)
-        model.model.decoder.layer_norm.bias.mul_(scale)
-        for head in (*model.bbox_embed, model.model.encoder_output_bbox_embed):
-            torch.nn.init.normal_(head.layers[-1].weight, std=std)
-    return model
+        model = model_class(config_class()).eval()
+    return spread_outputs(model, norm_scale=0.04, box_std=0.7)  # for d_model 256: scores (0.3, 0.9), widths (0.05, 0.8)
 
 
 def bert_tokenizer() -> BertTokenizerFast:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
+from transformers import AutoModelForZeroShotObjectDetection, GroundingDinoProcessor
 from transformers.models.grounding_dino import GroundingDinoImageProcessorPil
 
 from detector import OpenSetDetector, box_iou, split_prompts
@@ -31,6 +31,11 @@ def random_image(height: int, width: int, seed: int) -> Image.Image:
 def tiny_dir(tmp_path_factory):
     # small resize settings keep the CPU forward fast; the 800/1333 resize is tested on its own below
     return save_tiny_detector(tmp_path_factory.mktemp("tiny") / "det", shortest_edge=96, longest_edge=160)
+
+
+@pytest.fixture(scope="module")
+def mm_dir(tmp_path_factory):
+    return save_tiny_detector(tmp_path_factory.mktemp("tiny") / "mm", shortest_edge=96, longest_edge=160, mm=True)
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +70,16 @@ def special_token_ids(tokenizer) -> torch.Tensor:
     return torch.tensor(tokenizer.convert_tokens_to_ids(["[CLS]", "[SEP]", "."]))
 
 
-def test_detections_equal_transformers_pipeline(tiny_dir, detector):
+@pytest.mark.parametrize("family", ["grounding-dino", "mm-grounding-dino"])
+def test_detections_equal_transformers_pipeline(family, request):
+    """Grounding DINO and MM-Grounding-DINO (LLMDet's class too): ours equals processor + model + post-processing."""
+    checkpoint = request.getfixturevalue("tiny_dir" if family == "grounding-dino" else "mm_dir")
+    detector = OpenSetDetector.from_pretrained(str(checkpoint))
+    assert detector.model.config.model_type == family
     images = [random_image(120, 90, 4), random_image(70, 200, 5)]
     phrases = [["a cat", "a small brown dog", "Sofa"], ["the red car", "tree"]]
-    processor = GroundingDinoProcessor.from_pretrained(tiny_dir)
-    model = GroundingDinoForObjectDetection.from_pretrained(tiny_dir).eval()
+    processor = GroundingDinoProcessor.from_pretrained(checkpoint)
+    model = AutoModelForZeroShotObjectDetection.from_pretrained(checkpoint).eval()
     inputs = processor(images=images, text=phrases, return_tensors="pt", padding=True)
     with torch.no_grad():
         out = model(**inputs)
@@ -262,3 +272,33 @@ def test_cli_detect_over_a_directory_and_shards(tiny_dir, tmp_path):
     for line, expected in zip(from_tar, detector.detect([pictures["im0"], pictures["im1"]], ["a cat", "a dog"],
                                                         box_threshold=0.3)):
         assert [d["score"] for d in line["detections"]] == pytest.approx(expected.scores.tolist(), abs=1e-4)
+
+
+def test_detect_in_two_launched_processes_equals_one(tiny_dir, tmp_path):
+    """`accelerate launch` with 2 CPU processes: each detects in its own input shards; the JSONL files and the
+    merged summary equal a single process's."""
+    from tests.launch import accelerate_launch
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(5):
+        random_image(50 + 10 * i, 80, 40 + i).save(images / f"im{i}.png")
+    args = ["detect", str(images), "--phrases", "a cat", "a dog", "--images-per-shard", "2", "--model", str(tiny_dir),
+            "--device", "cpu", "--box-threshold", "0.3", "--workers", "1"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    done = accelerate_launch("-m", "detector.cli", *args, "--out", str(tmp_path / "two"), env={"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "process 1" in done.stderr  # the second process took shards too
+    one, two = (sorted(p.name for p in (tmp_path / d).glob("detections-*.jsonl")) for d in ("one", "two"))
+    assert one == two == ["detections-000000.jsonl", "detections-000001.jsonl", "detections-000002.jsonl"]
+    for name in one:
+        a, b = ([json.loads(line) for line in (tmp_path / d / name).read_text().splitlines()] for d in ("one", "two"))
+        assert [(x["key"], x["image_size"], len(x["detections"])) for x in a] == \
+            [(x["key"], x["image_size"], len(x["detections"])) for x in b]
+        for x, y in zip(a, b):
+            assert [d["phrase"] for d in x["detections"]] == [d["phrase"] for d in y["detections"]]
+            assert [d["score"] for d in x["detections"]] == pytest.approx([d["score"] for d in y["detections"]], abs=1e-5)
+            assert np.allclose([d["box"] for d in x["detections"]], [d["box"] for d in y["detections"]], atol=1e-5)
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two")]
+    assert {k: v for k, v in summaries[0].items() if k != "out"} == {k: v for k, v in summaries[1].items() if k != "out"}
+    assert (summaries[0]["inputs"], summaries[0]["images"]) == (5, 5) and summaries[0]["detections"] > 0

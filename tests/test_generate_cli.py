@@ -308,21 +308,16 @@ def test_a_small_unet_runs_on_one_cpu_thread_unless_omp_num_threads_says(monkeyp
 
 def test_verify_checks_reference_images_as_exemplars(sd_and_adapter, tmp_path):
     """--verify with an OWLv2 detector: an entity with a reference image records its exemplar check too."""
-    from tests.tiny import tiny_image_encoder
+    from tests.tiny import save_text_image_box_adapter
     from tests.tiny_detector import save_tiny_owlv2
 
     sd, _ = sd_and_adapter
-    adapter = GroundingAdapter.for_unet(UNet2DConditionModel.from_pretrained(sd, subfolder="unet"), "text-image-box",
-                                        image_embed_dim=HIDDEN)
-    adapter.save_pretrained(tmp_path / "adapter")
-    encoder, processor = tiny_image_encoder()
-    encoder.save_pretrained(tmp_path / "clip")
-    processor.save_pretrained(tmp_path / "clip")
+    adapter, clip = save_text_image_box_adapter(sd, tmp_path)
     Image.fromarray(np.random.default_rng(2).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(tmp_path / "dog.png")
     layouts = write_jsonl(tmp_path / "ref.jsonl", {**LAYOUT, "entities": [CAT, {**DOG, "image": "dog.png"}]})
     owl = save_tiny_owlv2(tmp_path / "owl")
-    assert gligen_cli("--model", sd, "--adapter", tmp_path / "adapter", "--image-encoder", tmp_path / "clip",
-                      "--layout", layouts, "--out", tmp_path / "out", "--verify", "--detector", owl) == 0
+    assert gligen_cli("--model", sd, "--adapter", adapter, "--image-encoder", clip, "--layout", layouts,
+                      "--out", tmp_path / "out", "--verify", "--detector", owl) == 0
     record = json.loads((tmp_path / "out" / "ref.json").read_text())
     cat, dog = record["verification"]["entities"]
     assert "exemplar" not in cat and set(dog["exemplar"]) == {"detected_box", "score", "iou", "success"}

@@ -53,20 +53,32 @@ def tiny_config(num_queries: int = 30, **overrides) -> GroundingDinoConfig:
     return GroundingDinoConfig(**{**fields, **overrides})
 
 
-def tiny_model(seed: int = 0, num_queries: int = 30, **overrides) -> GroundingDinoForObjectDetection:
-    """A randomly initialised tiny detector in eval mode (deterministic for a seed).
+def tiny_model(seed: int = 0, num_queries: int = 30, mm: bool = False, **overrides) -> GroundingDinoForObjectDetection:
+    """A randomly initialised tiny detector in eval mode (deterministic for a seed); `mm`: MM-Grounding-DINO.
 
     Two changes to transformers' init make outputs informative: the decoder's final norm is
     scaled down so phrase scores spread over (0.3, 0.9) instead of saturating at 1, and the box
     heads' last layers (zero at init, so boxes would equal their anchors) get random weights.
     """
+    from transformers import MMGroundingDinoConfig, MMGroundingDinoForObjectDetection
+
     torch.manual_seed(seed)
-    model = GroundingDinoForObjectDetection(tiny_config(num_queries, **overrides)).eval()
+    config = tiny_config(num_queries, **overrides)
+    if mm:
+        model = MMGroundingDinoForObjectDetection(MMGroundingDinoConfig(**config.to_dict())).eval()
+    else:
+        model = GroundingDinoForObjectDetection(config).eval()
+    return spread_outputs(model, norm_scale=0.1, box_std=2.0)
+
+
+def spread_outputs(model: GroundingDinoForObjectDetection, norm_scale: float, box_std: float
+                   ) -> GroundingDinoForObjectDetection:
+    """Scale the decoder's final norm by `norm_scale` and draw the box heads' last layers with `box_std` (see above)."""
     with torch.no_grad():
-        model.model.decoder.layer_norm.weight.mul_(0.1)
-        model.model.decoder.layer_norm.bias.mul_(0.1)
+        model.model.decoder.layer_norm.weight.mul_(norm_scale)
+        model.model.decoder.layer_norm.bias.mul_(norm_scale)
         for head in (*model.bbox_embed, model.model.encoder_output_bbox_embed):
-            torch.nn.init.normal_(head.layers[-1].weight, std=2.0)
+            torch.nn.init.normal_(head.layers[-1].weight, std=box_std)
     return model
 
 
@@ -82,11 +94,12 @@ def tiny_processor(shortest_edge: int = 800, longest_edge: int = 1333) -> Ground
 
 
 def save_tiny_detector(
-    path: str | os.PathLike, seed: int = 0, num_queries: int = 30, shortest_edge: int = 800, longest_edge: int = 1333
+    path: str | os.PathLike, seed: int = 0, num_queries: int = 30, shortest_edge: int = 800, longest_edge: int = 1333,
+    mm: bool = False,
 ) -> Path:
-    """Save a tiny random detector + processor into `path`; return `path`."""
+    """Save a tiny random detector (`mm`: MM-Grounding-DINO) + processor into `path`; return `path`."""
     path = Path(path)
-    tiny_model(seed, num_queries).save_pretrained(path)
+    tiny_model(seed, num_queries, mm).save_pretrained(path)
     tiny_processor(shortest_edge, longest_edge).save_pretrained(path)
     return path
 
