@@ -1,6 +1,8 @@
 """`detector` command line: detect phrases in images, convert official checkpoints.
 
     detector detect IMAGE... --phrases "a cat" "a dog" [--model M] [--out result.json] [--overlay DIR]
+    detector detect IMAGE... --exemplar REF.jpg:x0,y0,x1,y1 [--exemplar ...] --model OWLV2
+    detector detect DIR_OR_SHARDS --phrases ... --out DIR     (accelerate launch: split across processes)
     detector convert groundingdino_swint_ogc.pth --out grounding-dino-tiny/
 """
 
@@ -22,21 +24,31 @@ DEFAULT_MODEL = "IDEA-Research/grounding-dino-tiny"
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model, --device, --dtype: shared by every subcommand that runs the detector."""
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="HF Grounding DINO directory or hub id")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="detector directory or hub id: Grounding DINO, MM-Grounding-DINO, OWLv2 or Florence-2")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
 
 
-def add_output_args(parser: argparse.ArgumentParser, what: str) -> None:
+class OutputFileOrDirectory(OutputFile):
+    """`detector detect --out`: a JSON file for image files, a directory for a directory or shards of images."""
+
+    @property
+    def is_dir(self) -> bool:  # an existing directory is checked as one (a labelling run resumes into it)
+        return Path(self).is_dir()
+
+
+def add_output_args(parser: argparse.ArgumentParser, what: str, out_type: type = OutputFile) -> None:
     """--out (a JSON file) and --overlay (a directory of PNGs): shared by detect, verify and label."""
-    parser.add_argument("--out", type=OutputFile, help=f"write {what} as JSON here (default: print it)")
+    parser.add_argument("--out", type=out_type, help=f"write {what} as JSON here (default: print it)")
     parser.add_argument("--overlay", type=Output, help="write one PNG per image with the boxes into this directory")
 
 
 def add_threshold_args(parser: argparse.ArgumentParser) -> None:
-    """--box-threshold and --text-threshold, both in [0, 1]."""
-    parser.add_argument("--box-threshold", type=fraction, default=0.35, help="detection score threshold")
-    parser.add_argument("--text-threshold", type=fraction, default=0.25, help="phrase token threshold")
+    """--box-threshold, --text-threshold: the detector family's defaults unless given."""
+    parser.add_argument("--box-threshold", type=fraction,
+                        help="detection score threshold (default: the family's, 0.35 Grounding DINO, 0.1 OWLv2)")
+    parser.add_argument("--text-threshold", type=fraction, help="phrase token threshold, Grounding DINO (default 0.25)")
 
 
 def load_from_args(args: argparse.Namespace):
@@ -67,13 +79,19 @@ def write_outputs(report: dict, out: str | None, overlay_dir: str | None, paths:
 
 
 def run_detect(args: argparse.Namespace) -> None:
+    from detector.detect_many import is_collection
+    from detector.exemplars import parse_exemplar
     from gligen.files import open_image
 
-    require(len(args.phrases) > 0, "--phrases is empty: give at least one phrase to detect")
+    require(args.phrases is None or len(args.phrases) > 0, "--phrases is empty: give at least one phrase to detect")
+    require(bool(args.phrases or args.exemplar), "give --phrases, --exemplar or both: nothing to detect")
+    exemplars = [parse_exemplar(spec) for spec in args.exemplar]
+    if is_collection(args.images):
+        return run_detect_collection(args, exemplars)
     images = [open_image(path) for path in args.images]
     detector = load_from_args(args)
     results = detector.detect(
-        images, args.phrases, box_threshold=args.box_threshold, text_threshold=args.text_threshold,
+        images, args.phrases, exemplars, box_threshold=args.box_threshold, text_threshold=args.text_threshold,
         phrase_score=args.phrase_score, nms_iou=args.nms_iou, batch_size=args.batch_size,
     )
     report = {"model": args.model, "images": [{"image": p, **r.to_dict()} for p, r in zip(args.images, results)]}
@@ -84,17 +102,46 @@ def run_detect(args: argparse.Namespace) -> None:
     write_outputs(report, args.out, args.overlay, args.images, pictures)
 
 
+def run_detect_collection(args: argparse.Namespace, exemplars) -> None:
+    """`detector detect DIR|SHARDS --out DIR`: one JSONL per input shard, across launched processes."""
+    from detector.detect import OpenSetDetector
+    from detector.detect_many import collection_shards, detect_shards
+    from gligen.eval.generate import process_state
+
+    require(bool(args.out), f"{args.images[0]}: a directory or shards need --out DIR for the detections")
+    require(not args.overlay, "--overlay takes image files, not a directory or shards")
+    shards = collection_shards(args.images[0], args.images_per_shard)
+    state = process_state(args.device)
+    device = state.device if args.device in (None, "cuda") else parse_device(args.device)
+    detector = OpenSetDetector.from_pretrained(args.model, device=device, dtype=parse_dtype(args.dtype))
+    options = {"source": args.images[0], "model": args.model, "phrases": args.phrases, "exemplars": args.exemplar,
+               "box_threshold": args.box_threshold, "text_threshold": args.text_threshold,
+               "phrase_score": args.phrase_score, "nms_iou": args.nms_iou, "images_per_shard": args.images_per_shard}
+    detect_shards(detector, shards, args.out, options, args.phrases, exemplars, args.batch_size, args.workers, state,
+                  box_threshold=args.box_threshold, text_threshold=args.text_threshold,
+                  phrase_score=args.phrase_score, nms_iou=args.nms_iou)
+
+
 def register_detect(subparsers) -> None:
     p = subparsers.add_parser("detect")
-    p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--phrases", nargs="*", required=True, help="phrases to detect (each one argument)")
+    p.add_argument("images", nargs="+", help="image files, or one directory of images or webdataset shards "
+                                             "(with --out DIR; under accelerate launch, split across processes)")
+    p.add_argument("--phrases", nargs="*", help="phrases to detect (each one argument)")
+    p.add_argument("--exemplar", action="append", default=[], metavar="[LABEL=]REF.jpg[:x0,y0,x1,y1]",
+                   help="find what this box of a reference image shows (pixels, or normalized in [0, 1]; "
+                        "no box: the reference's most object-like region); repeat it, exemplars of one label "
+                        "are averaged into one query (OWLv2)")
     add_model_args(p)
-    add_output_args(p, "the detections")
+    add_output_args(p, "the detections (a directory for a directory or shards)", OutputFileOrDirectory)
     add_threshold_args(p)
     p.add_argument("--phrase-score", choices=["max", "mean"], default="max")
     p.add_argument("--nms-iou", type=number(float, high=1), default=0.5,
                    help="per-phrase NMS IoU; a negative value turns NMS off")
     p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--images-per-shard", type=positive_int, default=1000,
+                   help="a directory of images: files per output shard")
+    p.add_argument("--workers", type=number(int, 0), default=4,
+                   help="a directory or shards: DataLoader workers decoding images")
     p.set_defaults(func=_detect_command)
 
 
@@ -133,7 +180,7 @@ COMMANDS = [
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_commands("detector", "Open-set detection with Grounding DINO.", COMMANDS, argv)
+    return run_commands("detector", "Open-set detection (Grounding DINO, OWLv2, Florence-2).", COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,21 @@
-"""Pseudo-labels: a caption's noun phrases, found in the image, as a `Layout`.
+"""Pseudo-labels: the layout of an image, from its caption or from nothing but the image.
 
-This is how GLIGEN made grounding data from CC3M and SBU (with GLIP): chunk the caption
-into noun phrases, detect each, keep the best box.
+With a caption, as GLIGEN made grounding data from CC3M and SBU (with GLIP): chunk the
+caption into noun phrases, detect each, keep the best box.
 
     detector label photo.jpg --caption "a cat and a dog on a sofa" --out layout.json --overlay overlays/
+
+Without one (what DetCLIPv3 aims at), the detector names what it sees (`name_objects`):
+- a captioning detector (Florence-2) writes the names itself (`<OD>`: category names, or
+  `--task dense`: `<DENSE_REGION_CAPTION>` descriptions);
+- any other detector looks for a vocabulary (`--vocabulary lvis|coco|FILE`, default lvis: the
+  1203 LVIS v1 category names, underscores read as spaces, split across prompts as needed).
+The most confident detections are kept, best first, each overlapping no better one by more
+than `overlap_iou` (whatever their names), at most `max_objects`; the layout's prompt lists
+their names ("cat, dog, sofa") and each entity carries its span in it.
+
+    detector label photo.jpg --out layout.json                        # LVIS names
+    detector label photo.jpg --model florence-2-large --task dense    # Florence-2's own words
 
 The chunker is small and rule-based, made for caption-style English ("a man riding a horse
 on the beach"):
@@ -34,14 +46,18 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from PIL import Image
 
+from detector.box_ops import batched_nms
 from detector.detect import Detections, OpenSetDetector
 from detector.prompt import normalize_phrase
 from gligen.draw import draw_boxes
 from gligen.errors import UserError, require
 from gligen.files import open_image, save_image
-from gligen.layout import Entity, Layout, Span, save_layouts
+from gligen.layout import MAX_ENTITIES, Entity, Layout, Span, save_layouts
+
+VOCABULARIES = Path(__file__).parent / "vocabularies"  # lvis.txt (LVIS v1, by category id), coco.txt
 
 _TOKEN = re.compile(r"[A-Za-z0-9]+(?:['’-][A-Za-z0-9]+)*|[^\sA-Za-z0-9]")
 
@@ -141,8 +157,8 @@ def label(
     detector: OpenSetDetector,
     image: Image.Image,
     caption: str,
-    box_threshold: float = 0.35,
-    text_threshold: float = 0.25,
+    box_threshold: float | None = None,
+    text_threshold: float | None = None,
 ) -> Layout:
     """The layout of `image`: `caption`'s noun phrases with their detected boxes.
 
@@ -155,8 +171,8 @@ def label_batch(
     detector: OpenSetDetector,
     images: Sequence[Image.Image],
     captions: Sequence[str],
-    box_threshold: float = 0.35,
-    text_threshold: float = 0.25,
+    box_threshold: float | None = None,
+    text_threshold: float | None = None,
 ) -> list[Layout]:
     """Pseudo-label many images with one batched detector call; one `Layout` per image.
 
@@ -191,8 +207,71 @@ def _layout(
             k = candidates.pop(0)
             entities.append(Entity(phrase, tuple(detections.boxes[k].tolist()), spans=(span,)))
             scores.append(round(float(detections.scores[k]), 4))
-    width, height = (max(8, round(side / 8) * 8) for side in image.size)
+    width, height = layout_size(image)
     return Layout(caption, tuple(entities), width=width, height=height, meta={"scores": scores})
+
+
+def layout_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of a layout of `image`: its size rounded to multiples of 8 (boxes are normalized)."""
+    width, height = (max(8, round(side / 8) * 8) for side in image.size)
+    return width, height
+
+
+# ----------------------------------------------------------------------------- caption-free
+
+
+def load_vocabulary(name: str) -> list[str]:
+    """Names to look for: "lvis" or "coco" (bundled), or a text file with one name per line ('#' comments)."""
+    path = VOCABULARIES / f"{name}.txt" if name in ("lvis", "coco") else Path(name)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{name}: cannot read the vocabulary (lvis, coco, or a file of names: {error})") from None
+    names = list(dict.fromkeys(" ".join(line.replace("_", " ").split()) for line in lines
+                               if line.strip() and not line.lstrip().startswith("#")))
+    require(bool(names), f"{name}: the vocabulary holds no names")
+    return names
+
+
+def name_objects(
+    detector: OpenSetDetector,
+    images: Sequence[Image.Image],
+    vocabulary: Sequence[str] | None = None,
+    task: str = "od",
+    box_threshold: float | None = None,
+    max_objects: int = MAX_ENTITIES,
+    overlap_iou: float = 0.5,
+    batch_size: int = 8,
+) -> list[Layout]:
+    """Caption-free layouts: what the detector finds and names in each image (see the module docstring).
+
+    Without `vocabulary`, a detector that names objects itself (`detector.names_objects`) does,
+    with `task` ("od" or "dense"); any other one looks for the LVIS names.
+    """
+    require(max_objects >= 1, f"max_objects must be at least 1, got {max_objects}")
+    if vocabulary is None and detector.names_objects:
+        found = detector.name_objects(list(images), task=task, batch_size=batch_size)
+    else:
+        names = list(vocabulary) if vocabulary is not None else load_vocabulary("lvis")
+        found = detector.detect(list(images), names, box_threshold=box_threshold, batch_size=batch_size)
+    return [_named_layout(detections, image, max_objects, overlap_iou) for detections, image in zip(found, images)]
+
+
+def _named_layout(detections: Detections, image: Image.Image, max_objects: int, overlap_iou: float) -> Layout:
+    """The most confident, mutually non-overlapping detections as a layout whose prompt lists their names."""
+    x0, y0, x1, y1 = detections.boxes.unbind(-1)
+    boxed = ((x1 > x0) & (y1 > y0)).nonzero()[:, 0]  # a box clipped flat at the border is no layout box
+    anyone = torch.zeros(len(boxed), dtype=torch.long)  # one class: boxes of any name suppress each other
+    keep = boxed[batched_nms(detections.boxes[boxed], detections.scores[boxed], anyone, overlap_iou)][:max_objects]
+    entities, scores, prompt = [], [], ""
+    for k in keep.tolist():
+        name = detections.phrases[int(detections.phrase_ids[k])]
+        start = len(prompt) + (2 if prompt else 0)
+        prompt = f"{prompt}, {name}" if prompt else name
+        entities.append(Entity(name, tuple(detections.boxes[k].tolist()), spans=((start, start + len(name)),)))
+        scores.append(round(float(detections.scores[k]), 4))
+    width, height = layout_size(image)
+    return Layout(prompt, tuple(entities), width=width, height=height, meta={"scores": scores})
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -201,11 +280,18 @@ def _layout(
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `detector label` to the `detector` command."""
     from detector.cli import add_model_args, add_output_args, add_threshold_args  # here: detector.cli imports this module
+    from gligen.commands import positive_int
 
     parser = subparsers.add_parser("label")
     parser.add_argument("image", help="image file")
-    parser.add_argument("--caption", required=True, help="caption whose noun phrases are located")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--caption", help="caption whose noun phrases are located")
+    source.add_argument("--vocabulary", help="without a caption: names to look for, lvis, coco or a file of names "
+                                             "(default: a captioning detector's own names, else lvis)")
     add_model_args(parser)
+    parser.add_argument("--task", choices=sorted(("od", "dense")), default="od",
+                        help="captioning detector without a caption: category names (od) or descriptions (dense)")
+    parser.add_argument("--max-objects", type=positive_int, default=MAX_ENTITIES, help="without a caption: at most this many")
     add_output_args(parser, "the layout")
     add_threshold_args(parser)
     parser.set_defaults(func=_run)
@@ -215,8 +301,14 @@ def _run(args: argparse.Namespace) -> None:
     from detector.cli import _overlay_names, load_from_args
 
     image = open_image(args.image)
-    caption_phrases(args.caption)  # a caption without phrases fails before the model loads
-    layout = label(load_from_args(args), image, args.caption, args.box_threshold, args.text_threshold)
+    if args.caption is not None:
+        caption_phrases(args.caption)  # a caption without phrases fails before the model loads
+        layout = label(load_from_args(args), image, args.caption, args.box_threshold, args.text_threshold)
+    else:
+        require(args.max_objects >= 1, f"--max-objects must be at least 1, got {args.max_objects}")
+        vocabulary = load_vocabulary(args.vocabulary) if args.vocabulary else None
+        [layout] = name_objects(load_from_args(args), [image], vocabulary, args.task, args.box_threshold,
+                                args.max_objects)
     if args.out:
         save_layouts(args.out, [layout])
     else:

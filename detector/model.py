@@ -1,4 +1,5 @@
-"""Loading Grounding DINO checkpoints, and converting the official IDEA-Research release.
+"""Loading detector checkpoints (configs of every family, Grounding DINO models), and converting
+the official IDEA-Research Grounding DINO release.
 
 `load_detector` opens anything transformers' `GroundingDinoForObjectDetection` (or
 `MMGroundingDinoForObjectDetection`, when the config says `mm-grounding-dino`) opens: a local
@@ -12,11 +13,12 @@ file ever runs. Key names follow transformers' own conversion script
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -45,12 +47,13 @@ MODEL_CLASSES = {
 }
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def load_config(path_or_id: str):
-    """The checkpoint's config; a `UserError` when `path_or_id` is no Grounding DINO checkpoint."""
+def load_config(path_or_id: str, model_types: Mapping[str, object] = MODEL_CLASSES):
+    """The checkpoint's config; a `UserError` when `path_or_id` is no checkpoint of one of `model_types`
+    (default: the Grounding DINO family, which `load_detector` and `detector train` take)."""
     local = Path(path_or_id)
     if local.is_file():
         raise UserError(
@@ -62,11 +65,11 @@ def load_config(path_or_id: str):
     try:
         config = AutoConfig.from_pretrained(path_or_id)
     except (OSError, ValueError) as error:
-        raise UserError(f"{path_or_id}: cannot load a detector checkpoint ({_first_line(error)})") from error
-    if config.model_type not in MODEL_CLASSES:
+        raise UserError(f"{path_or_id}: cannot load a detector checkpoint ({first_line(error)})") from error
+    if config.model_type not in model_types:
+        kind = "Grounding DINO checkpoint" if model_types is MODEL_CLASSES else "detector this project runs"
         raise UserError(
-            f"{path_or_id}: model_type {config.model_type!r} is no Grounding DINO checkpoint "
-            f"(expected one of {sorted(MODEL_CLASSES)})"
+            f"{path_or_id}: model_type {config.model_type!r} is no {kind} (expected one of {sorted(model_types)})"
         )
     return config
 
@@ -86,6 +89,15 @@ def image_settings(path_or_id: str) -> ImageSettings:
     )
 
 
+@contextlib.contextmanager
+def loading(path_or_id: str) -> Iterator[None]:
+    """Turn what transformers raises for a checkpoint it cannot load into one `UserError` naming it."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path_or_id}: cannot load the detector ({first_line(error)})") from error
+
+
 def load_detector(path_or_id: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     """(model in eval mode on `device` in `dtype`, fast tokenizer, image settings) of a checkpoint.
 
@@ -93,11 +105,9 @@ def load_detector(path_or_id: str, device: torch.device | str = "cpu", dtype: to
     """
     path_or_id = resolve_model(path_or_id, "detector")
     config = load_config(path_or_id)
-    try:
+    with loading(path_or_id):
         model = MODEL_CLASSES[config.model_type].from_pretrained(path_or_id, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path_or_id)
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path_or_id}: cannot load the detector ({_first_line(error)})") from error
     if not tokenizer.is_fast:
         raise UserError(f"{path_or_id}: the tokenizer has no fast version, which character spans need")
     return model.to(device).eval(), tokenizer, image_settings(path_or_id)
@@ -287,11 +297,11 @@ def convert_official(
         try:
             config = GroundingDinoConfig.from_pretrained(config)
         except (OSError, ValueError) as error:
-            raise UserError(f"{config}: cannot read a Grounding DINO config ({_first_line(error)})") from error
+            raise UserError(f"{config}: cannot read a Grounding DINO config ({first_line(error)})") from error
     try:
         text_tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     except (OSError, ValueError) as error:
-        raise UserError(f"cannot load tokenizer {tokenizer!r} ({_first_line(error)}); pass --tokenizer DIR") from error
+        raise UserError(f"cannot load tokenizer {tokenizer!r} ({first_line(error)}); pass --tokenizer DIR") from error
     hub_state, unknown = official_to_hub(state)
     if unknown:
         warn(f"warning: {len(unknown)} checkpoint entries not converted (first: {unknown[0]})")

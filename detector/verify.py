@@ -7,13 +7,21 @@ assigned greedily by decreasing IoU (then score). An entity left without a detec
 IoU 0 and fails. Over a set of images these give the COCO-MIG measures: the instance
 success rate (passing entities / entities) and the mean IoU over entities.
 
+An entity with a reference image (text-image-box layouts) is also looked for by that image,
+as a visual exemplar (its most object-like region), when the detector takes exemplars
+(OWLv2): its check records that detection too (`exemplar`: box, score, IoU, success), beside
+the phrase's, which alone decides `success`; the summary adds their exemplar success rate and
+mean IoU. A detector that takes no exemplars checks their phrases only (`detector verify`
+says so on stderr).
+
     detector verify generated.png --layout layout.json --out verification.json --overlay overlays/
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -21,6 +29,7 @@ from PIL import Image
 
 from detector.box_ops import box_iou
 from detector.detect import Detections, OpenSetDetector
+from detector.exemplars import Exemplar
 from detector.prompt import normalize_phrase
 from gligen.draw import PALETTE, draw_boxes
 from gligen.errors import UserError, require
@@ -29,8 +38,24 @@ from gligen.layout import Box, Layout, load_layouts
 
 
 @dataclass
+class Match:
+    """The detection matched to a layout box (boxes normalized xyxy); no detection: box None, score and IoU 0."""
+
+    detected_box: Box | None
+    score: float
+    iou: float
+    success: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "detected_box": None if self.detected_box is None else [round(v, 6) for v in self.detected_box],
+            "score": round(self.score, 6), "iou": round(self.iou, 6), "success": self.success,
+        }
+
+
+@dataclass
 class EntityCheck:
-    """One entity of the layout against the detections of its phrase (boxes normalized xyxy)."""
+    """One entity of the layout against the detections of its phrase (and of its reference image)."""
 
     phrase: str
     box: Box
@@ -38,12 +63,13 @@ class EntityCheck:
     score: float  # detection score of the matched detection (0 when none)
     iou: float
     success: bool
+    exemplar: Match | None = None  # the reference image's detection, when it was looked for
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["box"] = [round(v, 6) for v in self.box]
-        out["detected_box"] = None if self.detected_box is None else [round(v, 6) for v in self.detected_box]
-        out["score"], out["iou"] = round(self.score, 6), round(self.iou, 6)
+        out = {"phrase": self.phrase, "box": [round(v, 6) for v in self.box],
+               **Match(self.detected_box, self.score, self.iou, self.success).to_dict()}
+        if self.exemplar is not None:
+            out["exemplar"] = self.exemplar.to_dict()
         return out
 
 
@@ -88,8 +114,13 @@ def greedy_match(iou: torch.Tensor, scores: torch.Tensor) -> list[int | None]:
     return match
 
 
-def match_entities(layout: Layout, detections: Detections, iou_threshold: float = 0.5) -> Verification:
-    """Check `layout`'s entities against `detections`, whose phrase ids index `distinct_phrases(layout)`."""
+def match_entities(
+    layout: Layout, detections: Detections, iou_threshold: float = 0.5, exemplar_ids: dict[int, int] | None = None
+) -> Verification:
+    """Check `layout`'s entities against `detections`, whose phrase ids index `distinct_phrases(layout)`.
+
+    `exemplar_ids`: entity index -> the phrase id of its reference image's exemplar query.
+    """
     phrase_ids = _phrase_ids(layout)
     checks: list[EntityCheck | None] = [None] * len(layout.entities)
     for pid in set(phrase_ids):
@@ -108,7 +139,21 @@ def match_entities(layout: Layout, detections: Detections, iou_threshold: float 
                 entity.phrase, entity.box, tuple(detections.boxes[detected].tolist()),
                 float(detections.scores[detected]), value, value >= iou_threshold,
             )
+    for i, query in (exemplar_ids or {}).items():
+        checks[i].exemplar = _best_match(layout.entities[i].box, detections, query, iou_threshold)
     return Verification(checks)
+
+
+def _best_match(box: Box, detections: Detections, query: int, iou_threshold: float) -> Match:
+    """The detection of `query` overlapping `box` most (then scoring highest)."""
+    candidates = (detections.phrase_ids == query).nonzero()[:, 0].tolist()
+    [k] = greedy_match(box_iou(torch.tensor([box]), detections.boxes[candidates]), detections.scores[candidates])
+    if k is None:
+        return Match(None, 0.0, 0.0, False)
+    value = float(box_iou(torch.tensor([box]), detections.boxes[candidates[k] : candidates[k] + 1])[0, 0])
+    detected = candidates[k]
+    return Match(tuple(detections.boxes[detected].tolist()), float(detections.scores[detected]), value,
+                 value >= iou_threshold)
 
 
 def distinct_phrases(layout: Layout) -> list[str]:
@@ -126,8 +171,8 @@ def verify(
     image: Image.Image,
     layout: Layout,
     iou_threshold: float = 0.5,
-    box_threshold: float = 0.35,
-    text_threshold: float = 0.25,
+    box_threshold: float | None = None,
+    text_threshold: float | None = None,
 ) -> Verification:
     """Check one image against its layout. See the module docstring for the matching rule."""
     return verify_batch(detector, [image], [layout], iou_threshold, box_threshold, text_threshold)[0]
@@ -138,21 +183,40 @@ def verify_batch(
     images: Sequence[Image.Image],
     layouts: Sequence[Layout],
     iou_threshold: float = 0.5,
-    box_threshold: float = 0.35,
-    text_threshold: float = 0.25,
+    box_threshold: float | None = None,
+    text_threshold: float | None = None,
 ) -> list[Verification]:
-    """Check image i against layout i, all images in one batched detector call."""
+    """Check image i against layout i, all images in one batched detector call.
+
+    Thresholds default to the detector family's. Reference images are read here; one that
+    cannot be read is a `UserError` naming it.
+    """
     require(len(images) == len(layouts), f"verify: {len(images)} images but {len(layouts)} layouts")
     results = [Verification([]) for _ in layouts]  # a layout without entities has nothing to find
     todo = [i for i, layout in enumerate(layouts) if layout.entities]
     if todo:
+        exemplars = [reference_exemplars(layouts[i]) if detector.takes_exemplars else {} for i in todo]
         detections = detector.detect(
             [images[i] for i in todo], [distinct_phrases(layouts[i]) for i in todo],
-            box_threshold=box_threshold, text_threshold=text_threshold,
+            [list(e.values()) for e in exemplars], box_threshold=box_threshold, text_threshold=text_threshold,
         )
-        for i, found in zip(todo, detections):
-            results[i] = match_entities(layouts[i], found, iou_threshold)
+        for i, found, refs in zip(todo, detections, exemplars):
+            first = len(distinct_phrases(layouts[i]))  # exemplar queries follow the phrases
+            results[i] = match_entities(layouts[i], found, iou_threshold,
+                                        {entity: first + k for k, entity in enumerate(refs)})
     return results
+
+
+def reference_exemplars(layout: Layout) -> dict[int, Exemplar]:
+    """entity index -> its reference image as an exemplar (one query per entity), for entities that have one."""
+    images: dict[str, Image.Image] = {}
+    out = {}
+    for i, entity in enumerate(layout.entities):
+        if entity.image:
+            if entity.image not in images:
+                images[entity.image] = open_image(entity.image)
+            out[i] = Exemplar(images[entity.image], None, f"entity {i} reference image", entity.image)
+    return out
 
 
 def summarize(verifications: Sequence[Verification]) -> dict[str, Any]:
@@ -160,7 +224,7 @@ def summarize(verifications: Sequence[Verification]) -> dict[str, Any]:
     plus the image success rate (images whose entities all pass)."""
     checks = [e for v in verifications for e in v.entities]
     count = len(checks)
-    return {
+    summary = {
         "instance_success_rate": sum(e.success for e in checks) / count if count else 0.0,
         "mean_iou": sum(e.iou for e in checks) / count if count else 0.0,
         "image_success_rate": (
@@ -169,6 +233,12 @@ def summarize(verifications: Sequence[Verification]) -> dict[str, Any]:
         "num_entities": count,
         "num_images": len(verifications),
     }
+    exemplars = [e.exemplar for e in checks if e.exemplar is not None]
+    if exemplars:  # entities checked by their reference image too
+        summary["exemplar_success_rate"] = sum(m.success for m in exemplars) / len(exemplars)
+        summary["exemplar_mean_iou"] = sum(m.iou for m in exemplars) / len(exemplars)
+        summary["num_exemplar_entities"] = len(exemplars)
+    return summary
 
 
 def overlay(image: Image.Image, verification: Verification) -> Image.Image:
@@ -182,6 +252,10 @@ def overlay(image: Image.Image, verification: Verification) -> Image.Image:
         if check.detected_box is not None:
             boxes.append(check.detected_box)
             labels.append(f"{check.phrase}: IoU {check.iou:.2f} {'pass' if check.success else 'fail'}")
+            colors.append(color)
+        if check.exemplar is not None and check.exemplar.detected_box is not None:
+            boxes.append(check.exemplar.detected_box)
+            labels.append(f"{check.phrase} (image): IoU {check.exemplar.iou:.2f}")
             colors.append(color)
     return draw_boxes(image, boxes, labels, colors=colors)
 
@@ -216,9 +290,12 @@ def _run(args: argparse.Namespace) -> None:
             f"{args.layout}: holds {len(layouts)} layouts for {len(args.images)} images; give one or one per image"
         )
     images = [open_image(path) for path in args.images]
-    results = verify_batch(
-        load_from_args(args), images, layouts, args.iou_threshold, args.box_threshold, args.text_threshold
-    )
+    detector = load_from_args(args)
+    results = verify_batch(detector, images, layouts, args.iou_threshold, args.box_threshold, args.text_threshold)
+    unchecked = 0 if detector.takes_exemplars else sum(bool(e.image) for layout in layouts for e in layout.entities)
+    if unchecked:
+        print(f"note: {unchecked} entities have reference images, which {args.model} cannot look for "
+              "(an OWLv2 detector can); only their phrases were checked", file=sys.stderr)
     report = {
         "model": args.model,
         "iou_threshold": args.iou_threshold,

@@ -1,7 +1,7 @@
 """`gligen generate`: images from box layouts.
 
     gligen generate --model M [--adapter A] --layout layouts.jsonl --out DIR [--overlay] [--verify]
-    gligen generate --model M --layout-from photo.jpg --caption "a cat on a sofa" --out DIR
+    gligen generate --model M --layout-from photo.jpg [--caption "a cat on a sofa"] --out DIR
 
 Layout NAME (its "name" key, else the layout file's stem, numbered when the file holds several)
 gives DIR/NAME.png, DIR/NAME.overlay.png (--overlay) and DIR/NAME.json: the layout as generated,
@@ -57,6 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--layout-from", metavar="IMAGE", help="take the layout of this image (detector)")
     parser.add_argument("--caption", help="with --layout-from: the caption whose noun phrases are located")
     parser.add_argument("--phrases", nargs="+", help="with --layout-from: the phrases to locate")
+    parser.add_argument("--vocabulary", help="with --layout-from and no caption or phrases: names to look for, "
+                                             "lvis, coco or a file (default: a captioning detector's own, else lvis)")
     parser.add_argument("--out", required=True, type=Output, help="output directory")
     parser.add_argument("--steps", type=positive_int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--guidance", type=number(float, 0), default=7.5,
@@ -83,8 +85,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--verify", action="store_true", help="check each image against its layout with the detector")
     parser.add_argument("--best-of", type=positive_int, default=1, metavar="N",
                         help="generate N candidates per layout (seeds seed..seed+N-1), keep the best verified one")
-    parser.add_argument("--detector", help="detector directory or hub id for --verify/--best-of/--layout-from "
-                        "(default: the bundled one with --model demo, else Grounding DINO-T)")
+    parser.add_argument("--detector", help="detector directory or hub id (Grounding DINO, OWLv2, Florence-2) for "
+                        "--verify/--best-of/--layout-from (default: the bundled one with --model demo, "
+                        "else Grounding DINO-T)")
     parser.add_argument("--iou-threshold", type=number(float, 0, 1, low_open=True), default=0.5,
                         help="IoU for an entity to pass verification")
     parser.set_defaults(func=run)
@@ -176,9 +179,10 @@ def _schedule(args: argparse.Namespace):
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    require(not (args.caption or args.phrases) or args.layout_from, "--caption and --phrases go with --layout-from")
-    require(not args.layout_from or bool(args.caption) != bool(args.phrases),
-            "--layout-from needs either --caption or --phrases")
+    require(not (args.caption or args.phrases or args.vocabulary) or args.layout_from,
+            "--caption, --phrases and --vocabulary go with --layout-from")
+    require(sum(map(bool, (args.caption, args.phrases, args.vocabulary))) <= 1,
+            "--layout-from takes one of --caption, --phrases and --vocabulary")
 
 
 def _check_seeds(layout: Layout, best_of: int, name: str) -> None:
@@ -225,21 +229,32 @@ def _detector(name: str, device):
 
 
 def _layout_from_image(args: argparse.Namespace, detector) -> list[Job]:
-    """One job: the layout the detector finds in --layout-from (caption noun phrases, or --phrases)."""
-    layout = layout_from_image(detector, open_image(args.layout_from), args.caption, args.phrases, args.layout_from)
+    """One job: the layout the detector finds in --layout-from (caption noun phrases, --phrases, or what it names)."""
+    from detector.label import load_vocabulary
+
+    vocabulary = load_vocabulary(args.vocabulary) if args.vocabulary else None
+    layout = layout_from_image(detector, open_image(args.layout_from), args.caption, args.phrases, args.layout_from,
+                               vocabulary)
     return [Job(Path(args.layout_from).stem, replace(layout, meta={**layout.meta, "source": args.layout_from}))]
 
 
 def layout_from_image(detector, image: Image.Image, caption: str | None = None, phrases: Sequence[str] | None = None,
-                      where: str = "image") -> Layout:
-    """The layout the detector finds in `image`: `caption`'s noun phrases, else `phrases`, each at its best box.
+                      where: str = "image", vocabulary: Sequence[str] | None = None) -> Layout:
+    """The layout the detector finds in `image`: `caption`'s noun phrases, else `phrases`, each at its best box;
+    with neither, the objects the detector names (a captioning detector's own names, else `vocabulary`'s, LVIS's
+    by default: `detector.label.name_objects`).
 
-    Raises a UserError naming `where` when none is found.
+    Raises a UserError naming `where` when nothing is found.
     """
-    from detector.label import label
+    from detector.label import label, name_objects
 
-    layout = label(detector, image, caption) if caption else layout_of_phrases(detector, image, phrases)
-    require(bool(layout.entities), f"{where}: the detector found none of the phrases")
+    if caption:
+        layout = label(detector, image, caption)
+    elif phrases:
+        layout = layout_of_phrases(detector, image, phrases)
+    else:
+        [layout] = name_objects(detector, [image], vocabulary)
+    require(bool(layout.entities), f"{where}: the detector found nothing to lay out")
     return layout
 
 

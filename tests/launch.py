@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -16,8 +17,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def accelerate_launch(*command: str, processes: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `accelerate launch --multi_gpu --num_processes N COMMAND...` from the repository root.
+def accelerate_launch(*command: str, processes: int = 2, timeout: int = 300, env: dict[str, str] | None = None
+                      ) -> subprocess.CompletedProcess:
+    """Run `accelerate launch --multi_gpu --num_processes N COMMAND...` from the repository root (`env`: extra variables).
 
     `--multi_gpu` on a CPU machine starts N processes that form a gloo group (`--cpu` alone
     would start one process unless MPI is installed).
@@ -25,4 +27,5 @@ def accelerate_launch(*command: str, processes: int = 2, timeout: int = 300) -> 
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port()), *command]
-    return subprocess.run(launch, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(launch, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, **(env or {})})

@@ -23,7 +23,8 @@ from PIL import Image
 from gligen.data import shapes
 from gligen.data.cli import register
 from gligen.data.format import Sample, SampleError, decode_sample, encode_sample, read_shards
-from gligen.data.pseudo_label import pairs_from_directory, pairs_from_shards, write_pseudo_label_shards
+from gligen.data.pseudo_label import pairs_from_directory, write_pseudo_label_shards
+from gligen.data.sharded import list_shards, tar_shards
 from gligen.data.writer import ShardWriter
 from gligen.errors import UserError, run_cli
 from gligen.layout import Entity, Layout
@@ -331,10 +332,11 @@ def test_pseudo_label_from_a_directory_and_from_shards(tmp_path, shapes_coco, re
     (shapes_coco / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     labeler = TruthLabeler(reference, blind_to={reference[7].caption}, refuse={reference[9].caption})
     pairs = pairs_from_directory(shapes_coco, shapes_coco / "pairs.jsonl")
-    summary = write_pseudo_label_shards(pairs, labeler, tmp_path / "dir", {"source": "test"}, image_format="png",
-                                        batch_size=4)
+    summary = write_pseudo_label_shards(list_shards(pairs, 1000, "pairs.jsonl"), labeler, tmp_path / "dir",
+                                        {"source": "test"}, image_format="png", batch_size=4, workers=0)
     assert summary["dropped"] == {"caption not labelled": 1, "missing image file": 1,
                                   "no phrase of the caption detected": 1}
+    assert (summary["inputs"], summary["samples"], summary["shards_done"]) == (24, 21, 1)
     # batches of 4 (one short of a missing image); the refused batch retried pair by pair
     assert labeler.batch_sizes == [4, 3, 4, 1, 1, 1, 1, 4, 4, 4]
     samples = list(read_shards(tmp_path / "dir"))
@@ -348,8 +350,9 @@ def test_pseudo_label_from_a_directory_and_from_shards(tmp_path, shapes_coco, re
         for ref in reference[:6]:
             tar.write({"__key__": ref.key, "png": encode_sample(ref, "png")["png"], "txt": ref.caption.encode()})
         tar.write({"__key__": "captionless", "png": encode_sample(ref, "png")["png"]})
-    summary = write_pseudo_label_shards(pairs_from_shards(str(tmp_path / "pairs.tar")), TruthLabeler(reference),
-                                        tmp_path / "tar", {"source": "tar"}, image_format="png", batch_size=3)
+    summary = write_pseudo_label_shards(tar_shards(str(tmp_path / "pairs.tar")), TruthLabeler(reference),
+                                        tmp_path / "tar", {"source": "tar"}, image_format="png", batch_size=3,
+                                        workers=2)
     assert summary["dropped"] == {"pair without caption": 1}
     assert [s.key for s in read_shards(tmp_path / "tar")] == [ref.key for ref in reference[:6]]
 
@@ -463,7 +466,8 @@ def test_pseudo_label_command_with_a_tiny_detector(tmp_path, shapes_coco, refere
     model = save_tiny_detector(tmp_path / "det", shortest_edge=96, longest_edge=160)
     (tmp_path / "pairs.tsv").write_text("".join(f"images/{r.key}.png\t{r.caption}\n" for r in reference[:3]))
     assert cli("data", "pseudo-label", shapes_coco, "--captions", tmp_path / "pairs.tsv", "--model", model,
-               "--box-threshold", 0.0, "--text-threshold", 0.0, "--batch-size", 2, "--out", tmp_path / "out") == 0
+               "--box-threshold", 0.0, "--text-threshold", 0.0, "--batch-size", 2, "--workers", 1,
+               "--out", tmp_path / "out") == 0
     samples = list(read_shards(tmp_path / "out"))
     expected = label_batch(OpenSetDetector.from_pretrained(str(model)), [r.image for r in reference[:3]],
                            [r.caption for r in reference[:3]], box_threshold=0.0, text_threshold=0.0)
@@ -471,3 +475,42 @@ def test_pseudo_label_command_with_a_tiny_detector(tmp_path, shapes_coco, refere
     for sample, layout in zip(samples, expected):
         assert sample.entities and same_entities(sample.entities, list(layout.entities))
         assert all(sample.caption[a:b] == e.phrase for e in sample.entities for a, b in e.spans)
+
+
+def test_pseudo_labelling_in_two_launched_processes_equals_one(tmp_path, shapes_coco, reference):
+    """`accelerate launch` with 2 CPU processes: each labels its own input shards; the shards and the merged
+    summary equal a single process's; a rerun skips finished shards and redoes a missing one."""
+    from tests.launch import accelerate_launch
+    from tests.tiny_detector import save_tiny_detector
+
+    model = save_tiny_detector(tmp_path / "det", shortest_edge=96, longest_edge=160)
+    lines = [f"images/{r.key}.png\t{r.caption}\n" for r in reference[:11]]
+    lines[4] = "images/nowhere.png\ta red square\n"
+    (tmp_path / "pairs.tsv").write_text("".join(lines))
+    args = ["data", "pseudo-label", str(shapes_coco), "--captions", str(tmp_path / "pairs.tsv"), "--model", str(model),
+            "--box-threshold", "0.3", "--text-threshold", "0.2", "--batch-size", "2", "--samples-per-shard", "3",
+            "--workers", "1", "--device", "cpu", "--image-format", "png"]
+    assert cli(*args, "--out", tmp_path / "one") == 0
+    env = {"OMP_NUM_THREADS": "1"}  # the same CPU kernels in both runs
+    done = accelerate_launch("-m", "gligen.cli", *args, "--out", str(tmp_path / "two"), env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (sorted(p.name for p in (tmp_path / d).glob("shard-*.tar")) for d in ("one", "two"))
+    assert one == two and len(one) == 4  # 11 pairs in input shards of 3
+    for name in one:
+        a, b = (list(read_shards(tmp_path / d / name)) for d in ("one", "two"))
+        assert [(s.key, s.caption) for s in a] == [(s.key, s.caption) for s in b] and a
+        assert all(same_entities(x.entities, y.entities) and np.array_equal(pixels(x.image), pixels(y.image))
+                   for x, y in zip(a, b))
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two")]
+    assert {k: v for k, v in summaries[0].items() if k != "out"} == {k: v for k, v in summaries[1].items() if k != "out"}
+    assert summaries[0]["inputs"] == 11 and summaries[0]["dropped"]["missing image file"] == 1
+    assert "process 1" in done.stderr  # the second process labelled shards too
+
+    # resume: a shard whose output and progress are gone is redone, the others are skipped
+    (tmp_path / "two" / "shard-000002.tar").unlink()
+    (tmp_path / "two" / "progress" / "shard-000002.json").unlink()
+    done = accelerate_launch("-m", "gligen.cli", *args, "--out", str(tmp_path / "two"), env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "1 of 2 shards already done" in done.stderr and "2 of 2 shards already done" in done.stderr
+    assert (tmp_path / "two" / "shard-000002.tar").read_bytes() == (tmp_path / "one" / "shard-000002.tar").read_bytes()
+    assert cli(*args, "--batch-size", "3", "--out", tmp_path / "two") == 1  # other options: refused

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
+from transformers import AutoModelForZeroShotObjectDetection, GroundingDinoProcessor
 from transformers.models.grounding_dino import GroundingDinoImageProcessorPil
 
 from detector import OpenSetDetector, box_iou, split_prompts
 from detector.box_ops import batched_nms
 from detector.cli import main
+from detector.grounding_dino import GroundingDinoDetector
 from detector.preprocess import ImageSettings, preprocess
 from tests.tiny_detector import save_tiny_detector
 
@@ -30,6 +31,11 @@ def random_image(height: int, width: int, seed: int) -> Image.Image:
 def tiny_dir(tmp_path_factory):
     # small resize settings keep the CPU forward fast; the 800/1333 resize is tested on its own below
     return save_tiny_detector(tmp_path_factory.mktemp("tiny") / "det", shortest_edge=96, longest_edge=160)
+
+
+@pytest.fixture(scope="module")
+def mm_dir(tmp_path_factory):
+    return save_tiny_detector(tmp_path_factory.mktemp("tiny") / "mm", shortest_edge=96, longest_edge=160, mm=True)
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +70,16 @@ def special_token_ids(tokenizer) -> torch.Tensor:
     return torch.tensor(tokenizer.convert_tokens_to_ids(["[CLS]", "[SEP]", "."]))
 
 
-def test_detections_equal_transformers_pipeline(tiny_dir, detector):
+@pytest.mark.parametrize("family", ["grounding-dino", "mm-grounding-dino"])
+def test_detections_equal_transformers_pipeline(family, request):
+    """Grounding DINO and MM-Grounding-DINO (LLMDet's class too): ours equals processor + model + post-processing."""
+    checkpoint = request.getfixturevalue("tiny_dir" if family == "grounding-dino" else "mm_dir")
+    detector = OpenSetDetector.from_pretrained(str(checkpoint))
+    assert detector.model.config.model_type == family
     images = [random_image(120, 90, 4), random_image(70, 200, 5)]
     phrases = [["a cat", "a small brown dog", "Sofa"], ["the red car", "tree"]]
-    processor = GroundingDinoProcessor.from_pretrained(tiny_dir)
-    model = GroundingDinoForObjectDetection.from_pretrained(tiny_dir).eval()
+    processor = GroundingDinoProcessor.from_pretrained(checkpoint)
+    model = AutoModelForZeroShotObjectDetection.from_pretrained(checkpoint).eval()
     inputs = processor(images=images, text=phrases, return_tensors="pt", padding=True)
     with torch.no_grad():
         out = model(**inputs)
@@ -103,7 +114,7 @@ def test_detections_equal_transformers_pipeline(tiny_dir, detector):
             assert abs(float(result.scores[j]) - float(score)) < 1e-3
             assert int(result.phrase_ids[j]) == int(pid)
             compared += 1
-        assert torch.allclose(result.pixel_boxes(), result.boxes * torch.tensor([w, h, w, h]))
+        assert torch.allclose(result.pixel_boxes().float(), result.boxes * torch.tensor([w, h, w, h]))
         assert result.labels == [phrases[b][i] for i in result.phrase_ids.tolist()]
         assert torch.all(result.scores[:-1] >= result.scores[1:])
     assert compared >= 10
@@ -130,7 +141,7 @@ def test_mean_phrase_score_is_mean_of_token_probabilities(detector):
 def test_chunked_prompts_merge_like_separate_prompts(detector):
     image = random_image(100, 140, 7)
     phrases = ["a cat", "a dog", "a red car", "tree", "a tall person", "sofa", "lamp"]
-    chunked = OpenSetDetector(detector.model, detector.tokenizer, detector.settings)
+    chunked = GroundingDinoDetector(detector.model, detector.tokenizer, detector.settings)
     chunked.max_tokens = 8  # forces several prompts
     prompts = split_prompts(phrases, detector.tokenizer, 8)
     assert len(prompts) >= 3
@@ -218,3 +229,76 @@ def test_cli_bad_inputs(tiny_dir, tmp_path, capsys):
         assert code == 1, needle
         assert len(err) == 1 and err[0].startswith("detector: error: "), err
         assert needle in err[0].replace("is a file, not a detector", "not a detector"), err
+
+
+def test_cli_detect_over_a_directory_and_shards(tiny_dir, tmp_path):
+    """A directory (or tar shards) gives one JSONL per input shard, unreadable images counted, resumable."""
+    import webdataset as wds
+
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    pictures = {f"im{i}": random_image(60 + 10 * i, 90, 20 + i) for i in range(4)}
+    for name, picture in pictures.items():
+        picture.save(images / ("sub" if name == "im3" else "") / f"{name}.png")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    model = ["--model", str(tiny_dir), "--device", "cpu", "--box-threshold", "0.3", "--workers", "1"]
+    assert main(["detect", str(images), "--phrases", "a cat", "a dog", "--images-per-shard", "2",
+                 "--out", str(tmp_path / "out"), *model]) == 0
+    detector = OpenSetDetector.from_pretrained(str(tiny_dir))
+    lines = []
+    for path in sorted((tmp_path / "out").glob("detections-*.jsonl")):
+        lines += [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(list((tmp_path / "out").glob("detections-*.jsonl"))) == 3  # 5 files in shards of 2
+    assert [line["key"] for line in lines] == ["im0", "im1", "im2", "sub/im3"]  # broken.jpg sorts first, dropped
+    # each shard's readable images went through the detector as one batch: broken.jpg + im0 | im1, im2 | im3
+    expected = [found for batch in (["im0"], ["im1", "im2"], ["im3"])
+                for found in detector.detect([pictures[n] for n in batch], ["a cat", "a dog"], box_threshold=0.3)]
+    for line, expected in zip(lines, expected):
+        assert line["image_size"] == list(expected.image_size) and len(line["detections"]) == len(expected)
+        assert [d["score"] for d in line["detections"]] == pytest.approx(expected.scores.tolist(), abs=1e-4)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["inputs"], summary["images"], summary["shards_done"]) == (5, 4, 3)
+    assert summary["dropped"] == {"unreadable image": 1} and summary["detections"] == sum(len(x["detections"]) for x in lines)
+    assert main(["detect", str(images), "--phrases", "a cat", "a dog", "--images-per-shard", "2",
+                 "--out", str(tmp_path / "out"), *model]) == 0  # a rerun finds every shard done
+
+    with wds.TarWriter(str(tmp_path / "data-000000.tar"), encoder=False) as tar:
+        for name in ("im0", "im1"):
+            tar.write({"__key__": name, "png": (images / f"{name}.png").read_bytes()})
+    assert main(["detect", str(tmp_path / "data-{000000..000000}.tar"), "--phrases", "a cat", "a dog",
+                 "--out", str(tmp_path / "tar"), *model]) == 0
+    from_tar = [json.loads(line) for line in (tmp_path / "tar" / "detections-000000.jsonl").read_text().splitlines()]
+    assert [x["key"] for x in from_tar] == ["im0", "im1"]
+    for line, expected in zip(from_tar, detector.detect([pictures["im0"], pictures["im1"]], ["a cat", "a dog"],
+                                                        box_threshold=0.3)):
+        assert [d["score"] for d in line["detections"]] == pytest.approx(expected.scores.tolist(), abs=1e-4)
+
+
+def test_detect_in_two_launched_processes_equals_one(tiny_dir, tmp_path):
+    """`accelerate launch` with 2 CPU processes: each detects in its own input shards; the JSONL files and the
+    merged summary equal a single process's."""
+    from tests.launch import accelerate_launch
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(5):
+        random_image(50 + 10 * i, 80, 40 + i).save(images / f"im{i}.png")
+    args = ["detect", str(images), "--phrases", "a cat", "a dog", "--images-per-shard", "2", "--model", str(tiny_dir),
+            "--device", "cpu", "--box-threshold", "0.3", "--workers", "1"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    done = accelerate_launch("-m", "detector.cli", *args, "--out", str(tmp_path / "two"), env={"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "process 1" in done.stderr  # the second process took shards too
+    one, two = (sorted(p.name for p in (tmp_path / d).glob("detections-*.jsonl")) for d in ("one", "two"))
+    assert one == two == ["detections-000000.jsonl", "detections-000001.jsonl", "detections-000002.jsonl"]
+    for name in one:
+        a, b = ([json.loads(line) for line in (tmp_path / d / name).read_text().splitlines()] for d in ("one", "two"))
+        assert [(x["key"], x["image_size"], len(x["detections"])) for x in a] == \
+            [(x["key"], x["image_size"], len(x["detections"])) for x in b]
+        for x, y in zip(a, b):
+            assert [d["phrase"] for d in x["detections"]] == [d["phrase"] for d in y["detections"]]
+            assert [d["score"] for d in x["detections"]] == pytest.approx([d["score"] for d in y["detections"]], abs=1e-5)
+            assert np.allclose([d["box"] for d in x["detections"]], [d["box"] for d in y["detections"]], atol=1e-5)
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two")]
+    assert {k: v for k, v in summaries[0].items() if k != "out"} == {k: v for k, v in summaries[1].items() if k != "out"}
+    assert (summaries[0]["inputs"], summaries[0]["images"]) == (5, 5) and summaries[0]["detections"] > 0

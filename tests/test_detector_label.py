@@ -6,12 +6,15 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from detector.box_ops import box_iou
 from detector.cli import main
 from detector.detect import OpenSetDetector
-from detector.label import label, label_batch, noun_phrases
-from gligen.layout import load_layouts
+from detector.label import label, label_batch, load_vocabulary, name_objects, noun_phrases
+from gligen.errors import UserError
+from gligen.layout import Layout, load_layouts
 from tests.tiny_detector import save_tiny_detector
 
 CAPTIONS = {
@@ -90,3 +93,69 @@ def test_label_cli(tiny, tmp_path, capsys):
     assert main(["label", str(tmp_path / "photo.png"), "--caption", "is on the", "--model", str(tiny)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "caption 'is on the': no noun phrases found" in err
+
+
+# ----------------------------------------------------------------------------- caption-free
+
+
+def test_vocabularies(tmp_path):
+    lvis, coco = load_vocabulary("lvis"), load_vocabulary("coco")
+    assert len(lvis) == 1203 and lvis[:2] == ["aerosol can", "air conditioner"] and "bus (vehicle)" in lvis
+    assert len(coco) == 80 and coco[:3] == ["person", "bicycle", "car"] and "traffic light" in coco
+    (tmp_path / "names.txt").write_text("# my things\nred mug\n\n  potted_plant \nred mug\n")
+    assert load_vocabulary(str(tmp_path / "names.txt")) == ["red mug", "potted plant"]
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    for name, message in [("missing.txt", "cannot read the vocabulary"), (str(tmp_path / "empty.txt"), "holds no names")]:
+        with pytest.raises(UserError, match=message):
+            load_vocabulary(name)
+
+
+def check_named_layout(layout, detections, max_objects: int) -> None:
+    """A valid layout of the best, mutually non-overlapping detections, its prompt listing their names."""
+    assert 0 < len(layout.entities) <= max_objects
+    loaded = Layout.from_dict(layout.to_dict())  # passes the layout rules
+    assert [(e.phrase, e.spans) for e in loaded.entities] == [(e.phrase, e.spans) for e in layout.entities]
+    for entity in layout.entities:
+        (start, end), = entity.spans
+        assert layout.prompt[start:end] == entity.phrase
+    assert layout.prompt == ", ".join(layout.phrases)
+    assert layout.meta["scores"] == sorted(layout.meta["scores"], reverse=True)
+    boxes = torch.tensor(layout.boxes)
+    overlaps = box_iou(boxes, boxes).fill_diagonal_(0)
+    assert overlaps.max() <= 0.5
+    for entity, score in zip(layout.entities, layout.meta["scores"]):  # each entity is one of the detections
+        same = (detections.boxes - torch.tensor(entity.box)).abs().amax(-1) < 1e-6
+        assert any(detections.labels[k] == entity.phrase and abs(float(detections.scores[k]) - score) < 1e-4
+                   for k in same.nonzero()[:, 0].tolist())
+    # the best detection of all is the first entity
+    assert layout.entities[0].phrase == detections.labels[0] and layout.meta["scores"][0] == pytest.approx(
+        float(detections.scores[0]), abs=1e-4)
+
+
+def test_caption_free_layout_from_a_vocabulary(tiny):
+    detector = OpenSetDetector.from_pretrained(str(tiny))
+    names = ["cat", "dog", "sofa", "tree", "red car"]
+    layouts = name_objects(detector, [picture(0), picture(1)], names, box_threshold=0.3, max_objects=4)
+    for layout, image in zip(layouts, [picture(0), picture(1)]):
+        [found] = detector.detect(image, names, box_threshold=0.3)
+        check_named_layout(layout, found, 4)
+        assert (layout.width, layout.height) == (96, 64)
+
+
+def test_caption_free_layouts_with_owlv2_and_lvis(tmp_path):
+    from tests.tiny_detector import save_tiny_owlv2
+
+    owl_dir = save_tiny_owlv2(tmp_path / "owl")
+    owl = OpenSetDetector.from_pretrained(str(owl_dir))
+    [layout] = name_objects(owl, [picture(2, (64, 80))])  # OWLv2 takes no names of its own: the LVIS ones
+    [found] = owl.detect(picture(2, (64, 80)), load_vocabulary("lvis"))
+    check_named_layout(layout, found, 30)
+    assert set(layout.phrases) <= set(load_vocabulary("lvis"))
+
+    picture(2, (64, 80)).save(tmp_path / "photo.png")
+    assert main(["label", str(tmp_path / "photo.png"), "--vocabulary", "coco", "--max-objects", "3",
+                 "--model", str(owl_dir), "--out", str(tmp_path / "layout.json")]) == 0
+    (loaded,) = load_layouts(tmp_path / "layout.json")
+    expected = name_objects(owl, [picture(2, (64, 80))], load_vocabulary("coco"), max_objects=3)[0]
+    assert loaded.phrases == expected.phrases and len(loaded.entities) == 3
+    assert [e.box for e in loaded.entities] == [pytest.approx(e.box, abs=1e-6) for e in expected.entities]

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from detector.cli import main
-from detector.detect import Detections, OpenSetDetector
+from detector.box_ops import box_iou
+from detector.detect import Detections, Exemplar, OpenSetDetector
 from detector.verify import EntityCheck, Verification, match_entities, summarize, verify, verify_batch
 from gligen.layout import Entity, Layout, save_layouts
 from tests.tiny_detector import save_tiny_detector
@@ -141,3 +142,48 @@ def test_verify_cli(tiny, tmp_path, capsys):
     assert main(["verify", str(tmp_path / "bad.png"), "--layout", str(tmp_path / "layout.json"), "--model", str(tiny)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "bad.png: cannot read the image" in err
+
+
+def test_reference_images_are_checked_as_exemplars(tmp_path, capsys):
+    """An entity with a reference image is looked for by that image too (OWLv2), and both checks are recorded."""
+    from tests.test_detector_owlv2 import shape_patch
+    from tests.tiny_detector import save_tiny_owlv2
+
+    owl_dir = save_tiny_owlv2(tmp_path / "owl")
+    owl = OpenSetDetector.from_pretrained(str(owl_dir))
+    rng = np.random.default_rng(3)
+    mug, other = shape_patch(rng), shape_patch(rng)
+    mug.save(tmp_path / "mug.png")
+    generated = picture(5, (64, 64))
+    generated.paste(mug, (32, 8))
+    generated.paste(other, (8, 32))
+    generated.save(tmp_path / "gen.png")
+    layout = Layout("a mug and a cat", (Entity("a mug", (0.5, 0.125, 0.875, 0.5), image=str(tmp_path / "mug.png")),
+                                        Entity("a cat", (0.125, 0.5, 0.5, 0.875))))
+    result = verify(owl, generated, layout, box_threshold=0.0)
+    mug_check, cat_check = result.entities
+    assert cat_check.exemplar is None and mug_check.exemplar is not None
+    # the exemplar check is the best-overlapping detection of the reference image's query
+    [found] = owl.detect(generated, ["a mug", "a cat"], [Exemplar(mug, None, "ref")], box_threshold=0.0)
+    ious = box_iou(torch.tensor([layout.entities[0].box]), found.boxes[found.phrase_ids == 2])[0]
+    assert mug_check.exemplar.iou == pytest.approx(float(ious.max()), abs=1e-6) and mug_check.exemplar.iou > 0.3
+    assert mug_check.exemplar.success and mug_check.exemplar.score > 0.8  # the mug is where the layout put it
+    record = result.to_dict()["entities"][0]
+    assert set(record["exemplar"]) == {"detected_box", "score", "iou", "success"} and "exemplar" not in result.to_dict()["entities"][1]
+    summary = summarize([result])
+    assert summary["num_exemplar_entities"] == 1 and summary["exemplar_mean_iou"] == pytest.approx(mug_check.exemplar.iou)
+
+    # the command line: the same record; a detector without exemplars says it checked phrases only
+    save_layouts(tmp_path / "layout.json", [layout])
+    args = [str(tmp_path / "gen.png"), "--layout", str(tmp_path / "layout.json"), "--box-threshold", "0"]
+    assert main(["verify", *args, "--model", str(owl_dir), "--out", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["images"][0]["entities"][0]["exemplar"] == record["exemplar"]
+    gdino = save_tiny_detector(tmp_path / "gd", shortest_edge=96, longest_edge=160)
+    capsys.readouterr()
+    assert main(["verify", *args, "--model", str(gdino), "--out", str(tmp_path / "g.json")]) == 0
+    assert "1 entities have reference images" in capsys.readouterr().err
+    assert "exemplar" not in json.loads((tmp_path / "g.json").read_text())["images"][0]["entities"][0]
+    (tmp_path / "mug.png").write_bytes(b"broken")
+    assert main(["verify", *args, "--model", str(owl_dir)]) == 1
+    assert "mug.png: cannot read the image" in capsys.readouterr().err

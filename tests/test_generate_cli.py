@@ -234,23 +234,26 @@ def test_best_of_keeps_the_best_verified_candidate(gligen_dir, detector_dir, tmp
     assert len({(c["success_rate"], c["mean_iou"]) for c in candidates}) > 1  # the candidates differ
 
 
-@pytest.mark.parametrize("how", ["phrases", "caption"])
+@pytest.mark.parametrize("how", ["phrases", "caption", "vocabulary"])
 def test_layout_from_an_image(gligen_dir, detector_dir, tmp_path, how):
     from detector.detect import OpenSetDetector
-    from detector.label import label
+    from detector.label import label, name_objects
     from gligen.generate import layout_of_phrases
 
     source = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(source)
-    given = ["--phrases", "a cat", "a dog"] if how == "phrases" else ["--caption", "a cat and a dog on a sofa"]
+    (tmp_path / "names.txt").write_text("cat\ndog\nsofa\n")
+    given = {"phrases": ["--phrases", "a cat", "a dog"], "caption": ["--caption", "a cat and a dog on a sofa"],
+             "vocabulary": ["--vocabulary", tmp_path / "names.txt"]}[how]
     out = tmp_path / "out"
     assert gligen_cli("--model", gligen_dir, "--layout-from", source, *given, "--detector", detector_dir,
                       "--out", out, "--overlay") == 0
     record = json.loads((out / "photo.json").read_text())
     detector = OpenSetDetector.from_pretrained(str(detector_dir))
     image = Image.open(source).convert("RGB")
-    expected = (layout_of_phrases(detector, image, ["a cat", "a dog"]) if how == "phrases"
-                else label(detector, image, "a cat and a dog on a sofa"))
+    expected = {"phrases": lambda: layout_of_phrases(detector, image, ["a cat", "a dog"]),
+                "caption": lambda: label(detector, image, "a cat and a dog on a sofa"),
+                "vocabulary": lambda: name_objects(detector, [image], ["cat", "dog", "sofa"])[0]}[how]()
     assert expected.entities
     assert record["layout"]["entities"] == [e.to_dict() for e in expected.entities]
     assert record["layout"]["source"] == str(source)
@@ -258,9 +261,9 @@ def test_layout_from_an_image(gligen_dir, detector_dir, tmp_path, how):
     assert (out / "photo.overlay.png").is_file()
 
 
-def test_layout_from_needs_a_caption_or_phrases(gligen_dir, tmp_path, capsys):
-    _fails(capsys, tmp_path, ["--model", gligen_dir, "--layout-from", tmp_path / "x.png"],
-           "--layout-from needs either --caption or --phrases")
+def test_layout_from_takes_one_source_of_names(gligen_dir, tmp_path, capsys):
+    _fails(capsys, tmp_path, ["--model", gligen_dir, "--layout-from", tmp_path / "x.png", "--caption", "a cat",
+                              "--phrases", "a cat"], "--layout-from takes one of --caption, --phrases and --vocabulary")
 
 
 def test_reference_images_through_an_image_encoder(sd_and_adapter, tmp_path, capsys):
@@ -301,3 +304,21 @@ def test_a_small_unet_runs_on_one_cpu_thread_unless_omp_num_threads_says(monkeyp
             assert torch.get_num_threads() == threads, (unet, device, env)
     finally:
         torch.set_num_threads(before)
+
+
+def test_verify_checks_reference_images_as_exemplars(sd_and_adapter, tmp_path):
+    """--verify with an OWLv2 detector: an entity with a reference image records its exemplar check too."""
+    from tests.tiny import save_text_image_box_adapter
+    from tests.tiny_detector import save_tiny_owlv2
+
+    sd, _ = sd_and_adapter
+    adapter, clip = save_text_image_box_adapter(sd, tmp_path)
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(tmp_path / "dog.png")
+    layouts = write_jsonl(tmp_path / "ref.jsonl", {**LAYOUT, "entities": [CAT, {**DOG, "image": "dog.png"}]})
+    owl = save_tiny_owlv2(tmp_path / "owl")
+    assert gligen_cli("--model", sd, "--adapter", adapter, "--image-encoder", clip, "--layout", layouts,
+                      "--out", tmp_path / "out", "--verify", "--detector", owl) == 0
+    record = json.loads((tmp_path / "out" / "ref.json").read_text())
+    cat, dog = record["verification"]["entities"]
+    assert "exemplar" not in cat and set(dog["exemplar"]) == {"detected_box", "score", "iou", "success"}
+    assert record["verification"] == _verification(owl, tmp_path / "out" / "ref.png", record["layout"])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gligen.commands import fraction, positive_int, seed
+from gligen.commands import fraction, number, positive_int, seed
 from gligen.errors import UserError
 from gligen.files import Output
 
@@ -48,15 +48,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _shard_options(grounding)
     grounding.set_defaults(func=_from_grounding)
 
-    pseudo = commands.add_parser("pseudo-label", help="label image-caption pairs with the detector")
+    pseudo = commands.add_parser("pseudo-label", help="label image-caption pairs with the detector "
+                                                      "(under accelerate launch: split across processes)")
     pseudo.add_argument("source", help="a directory of images (with --captions) or webdataset shards of jpg+txt")
     pseudo.add_argument("--captions", help=".jsonl ({'image', 'caption'} per line) or .tsv (path<TAB>caption)")
     pseudo.add_argument("--model", required=True, help="detector: a local directory or a hub id")
-    pseudo.add_argument("--device", default="cpu")
+    pseudo.add_argument("--device", help="cuda, cpu, ... (default: cuda when available; launched processes "
+                                         "take one GPU each, or join over gloo with cpu)")
     pseudo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     pseudo.add_argument("--box-threshold", type=fraction, help="detection score threshold (detector default if unset)")
     pseudo.add_argument("--text-threshold", type=fraction, help="phrase token threshold (detector default if unset)")
     pseudo.add_argument("--batch-size", type=positive_int, default=8, help="images per detector call")
+    pseudo.add_argument("--workers", type=number(int, 0), default=4, help="DataLoader workers decoding images (0: none)")
     _shard_options(pseudo)
     pseudo.set_defaults(func=_pseudo_label)
 
@@ -118,23 +121,22 @@ def _pseudo_label(args: argparse.Namespace) -> None:
 
     import torch
 
-    from gligen.data.pseudo_label import pairs_from_directory, pairs_from_shards, write_pseudo_label_shards
-
-    if Path(args.source).is_dir() and args.captions:
-        pairs = pairs_from_directory(args.source, args.captions)
-    elif args.captions:
-        raise UserError(f"{args.source}: --captions needs a directory of images")
-    else:
-        pairs = pairs_from_shards(args.source)
     from detector import OpenSetDetector
     from detector.label import label_batch
+    from gligen.data.pseudo_label import pair_shards, write_pseudo_label_shards
+    from gligen.devices import parse_device
+    from gligen.eval.generate import process_state
 
+    shards = pair_shards(args.source, args.captions, args.samples_per_shard)
+    state = process_state(args.device)
+    device = state.device if args.device in (None, "cuda") else parse_device(args.device)
     thresholds = {k: v for k, v in (("box_threshold", args.box_threshold), ("text_threshold", args.text_threshold))
                   if v is not None}
-    detector = OpenSetDetector.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype))
-    options = {"source": args.source, "captions": args.captions, "model": args.model, **thresholds}
-    write_pseudo_label_shards(pairs, functools.partial(label_batch, detector, **thresholds), args.out, options,
-                              args.samples_per_shard, args.image_format, args.batch_size, _extractor(args))
+    detector = OpenSetDetector.from_pretrained(args.model, device=device, dtype=getattr(torch, args.dtype))
+    options = {"source": args.source, "captions": args.captions, "model": args.model,
+               "samples_per_shard": args.samples_per_shard, **thresholds}
+    write_pseudo_label_shards(shards, functools.partial(label_batch, detector, **thresholds), args.out, options,
+                              args.image_format, args.batch_size, args.workers, state, _extractor(args))
 
 
 def _shapes(args: argparse.Namespace) -> None:

@@ -52,7 +52,11 @@ class SampleError(UserError, ValueError):
 
     def __init__(self, where: str, reason: str, detail: str = ""):
         self.reason = reason
+        self._parts = (where, reason, detail)
         super().__init__(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
+
+    def __reduce__(self):  # picklable, to come back from DataLoader workers
+        return SampleError, self._parts
 
 
 @dataclass

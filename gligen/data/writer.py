@@ -259,13 +259,13 @@ def attempt(function: Callable[[T], R], item: T) -> R | SampleError:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """One readable paragraph: what was written and what was dropped, by reason."""
-    lines = [
-        f"wrote {summary['samples']} samples in {summary['shards']} shards to {summary['out']} "
-        f"from {summary['inputs']} inputs"
-    ]
-    if summary["dropped"]:
-        lines.append("dropped:")
-        lines += [f"  {count:>8}  {reason}" for reason, count in summary["dropped"].items()]
-    else:
-        lines.append("dropped: nothing")
-    return "\n".join(lines)
+    head = (f"wrote {summary['samples']} samples in {summary['shards']} shards to {summary['out']} "
+            f"from {summary['inputs']} inputs")
+    return "\n".join([head, *dropped_lines(summary["dropped"])])
+
+
+def dropped_lines(dropped: dict[str, int]) -> list[str]:
+    """What was left out, one line per reason with its count."""
+    if not dropped:
+        return ["dropped: nothing"]
+    return ["dropped:", *(f"  {count:>8}  {reason}" for reason, count in dropped.items())]
