@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from gligen.data.format import IMAGE_EXTENSIONS, SampleError, decode_image, load_image, shard_urls
 from gligen.data.writer import dropped_lines
-from gligen.errors import UserError
+from gligen.errors import UserError, ignore_stop_signals
 from gligen.files import write_json
 
 MANIFEST = "manifest.json"
@@ -142,7 +142,8 @@ def _as_is(batch):
 def decoded_batches(shard: InputShard, batch_size: int, workers: int) -> Iterable[list[Decoded]]:
     """The shard's decoded batches, in order, decoded by `workers` DataLoader workers (0: here)."""
     return DataLoader(DecodedBatches(shard, batch_size), batch_size=None, num_workers=workers, collate_fn=_as_is,
-                      prefetch_factor=4 if workers else None, persistent_workers=False)
+                      prefetch_factor=4 if workers else None, persistent_workers=False,
+                      worker_init_fn=ignore_stop_signals)
 
 
 ShardJob = Callable[[InputShard, Iterable[list[Decoded]], Path], dict[str, Any]]
