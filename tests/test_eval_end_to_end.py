@@ -20,6 +20,7 @@ from gligen.eval.cli import register
 from gligen.eval.generate import image_name, layout_seed
 from gligen.eval.metrics import COCO_STATS, LVIS_GROUPS
 from tests.launch import accelerate_launch
+from tests.tiny_detector import save_tiny_owlv2
 
 CATEGORIES = [{"id": 1, "name": "cat", "frequency": "f"}, {"id": 2, "name": "dog", "frequency": "c"},
               {"id": 3, "name": "traffic_light", "frequency": "r"}]
@@ -165,6 +166,16 @@ def test_score_generated_images_coco(tmp_path, tiny_detector):
     assert status == 0, stderr
     report = check_report(tmp_path / "score", num_images=2, num_missing=1, lvis=False)
     assert report["missing_images"] == [str(images / image_name(records[2].image_id))]
+    assert report["settings"]["verify_threshold"] == 0.35  # Grounding DINO's, as `detector verify` checks
+
+    # The layout checks take each family's threshold unless told: OWLv2's is 0.1.
+    owl = save_tiny_owlv2(tmp_path / "owl")
+    for extra, expected in (([], 0.1), (["--verify-threshold", "0.2"], 0.2)):
+        out = tmp_path / f"owl{len(extra)}"
+        status, stderr = cli("score", "--annotations", str(annotations), "--images", str(images), "--detector",
+                             str(owl), "--out", str(out), *extra)
+        assert status == 0, stderr
+        assert json.loads((out / "report.json").read_text())["settings"]["verify_threshold"] == expected
 
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval

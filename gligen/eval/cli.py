@@ -63,7 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score.add_argument("--box-threshold", type=fraction, default=0.05,
                        help="detections kept for AP (default 0.05: low, for the whole precision-recall curve)")
     score.add_argument("--text-threshold", type=fraction, default=0.05)
-    score.add_argument("--verify-threshold", type=fraction, default=0.35, help="box threshold of the layout checks")
+    score.add_argument("--verify-threshold", type=fraction, default=None,
+                       help="box threshold of the layout checks (default: the detector family's, as detector verify)")
     score.add_argument("--iou-threshold", type=number(float, 0, 1, low_open=True), default=0.5,
                        help="IoU for an entity to count as placed")
     score.add_argument("--batch-size", type=positive_int, default=4)

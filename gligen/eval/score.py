@@ -17,7 +17,7 @@ and `keypoints.json` / `keypoint_ground_truth.json` hold the poses and the layou
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -44,7 +44,7 @@ MAX_LISTED_MISSING = 20  # report.md lists this many missing files; report.json 
 class ScoreSettings:
     box_threshold: float = 0.05  # low: AP integrates over the whole precision-recall curve
     text_threshold: float = 0.05
-    verify_threshold: float = 0.35  # box threshold of the layout checks (`detector verify`'s default)
+    verify_threshold: float | None = None  # box threshold of the layout checks; None: the detector family's
     iou_threshold: float = 0.5  # an entity is placed when its best detection overlaps its box this much
     batch_size: int = 4
     num_samples: int = 16  # images in the grid
@@ -52,7 +52,7 @@ class ScoreSettings:
     def __post_init__(self):
         if self.batch_size < 1 or self.num_samples < 1:
             raise UserError("the batch size and the number of samples must be at least 1")
-        if self.verify_threshold < self.box_threshold:
+        if self.verify_threshold is not None and self.verify_threshold < self.box_threshold:
             raise UserError(f"the layout checks' box threshold {self.verify_threshold} is below the "
                             f"detection threshold {self.box_threshold}")
 
@@ -133,7 +133,8 @@ def score_images(
     """Detect, score and write the reports of the images of `eval_set`; return the report.
 
     One detector pass serves both AP (all detections) and the layout checks (those over
-    `settings.verify_threshold`, matched to the entities by `detector.verify.match_entities`).
+    `settings.verify_threshold`, by default the detector family's box threshold, matched to the entities
+    by `detector.verify.match_entities`).
     A `pose_estimator` adds the keypoint AP of the layout persons' poses.
     """
     from detector.verify import distinct_phrases, match_entities
@@ -146,6 +147,8 @@ def score_images(
                    file=sys.stderr)
     if not present:
         raise UserError(f"{images_dir}: none of the {len(eval_set.records)} images of the evaluation set is there")
+    if settings.verify_threshold is None:  # as `detector verify` checks with this family (never below the AP threshold)
+        settings = replace(settings, verify_threshold=max(detector.default_box_threshold, settings.box_threshold))
     category_ids = eval_set.category_ids()
     results, sizes, verifications, samples, poses = [], [], [], [], []
     bar = tqdm(total=len(present), desc="score", unit="image")
