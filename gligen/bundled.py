@@ -39,7 +39,7 @@ def native_size(name: str) -> int | None:
 
     None for a hub id or a directory without those configs (the caller keeps its own default).
     """
-    root = Path(resolve_model(name, "base")) if name == DEMO else Path(name)
+    root = Path(resolve_model(name, "base"))
     try:
         unet = json.loads((root / "unet" / "config.json").read_text())
         vae = json.loads((root / "vae" / "config.json").read_text())

@@ -77,13 +77,6 @@ def write_json(path: Path, data) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_gligen(tmp_path_factory):
-    from tests.tiny import save_tiny_gligen
-
-    return save_tiny_gligen(tmp_path_factory.mktemp("gligen"))[1]
-
-
-@pytest.fixture(scope="module")
 def tiny_detector(tmp_path_factory):
     from tests.tiny_detector import save_tiny_detector
 
@@ -165,7 +158,7 @@ def test_out_in_a_directory_without_write_permission(index, tmp_path, inputs, ca
         locked.chmod(0o755)
 
 
-def test_disk_full_while_writing_leaves_nothing_half_written(tiny_gligen, tmp_path, inputs, capsys, monkeypatch):
+def test_disk_full_while_writing_leaves_nothing_half_written(gligen_dir, tmp_path, inputs, capsys, monkeypatch):
     """ENOSPC from the write itself (no file name in the error): the line names the file; no temporary file stays."""
     real_save = Image.Image.save
 
@@ -177,7 +170,7 @@ def test_disk_full_while_writing_leaves_nothing_half_written(tiny_gligen, tmp_pa
 
     monkeypatch.setattr(Image.Image, "save", full_disk)
     out = tmp_path / "out"
-    line = one_line(capsys, gligen_main, "generate", "--model", tiny_gligen, "--layout", inputs["layout"],
+    line = one_line(capsys, gligen_main, "generate", "--model", gligen_dir, "--layout", inputs["layout"],
                     "--out", out, "--steps", 2, "--device", "cpu")
     assert line == f"gligen: error: {out / 'layout.png'}: no space left on the device"
     assert os.listdir(out) == []
@@ -239,7 +232,7 @@ def test_a_real_full_disk_and_a_real_read_only_file_system(small_file_system, tm
 # --- 2. interrupts ---
 
 
-def test_ctrl_c_in_generate_says_what_was_finished_and_the_rerun_resumes(tiny_gligen, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_in_generate_says_what_was_finished_and_the_rerun_resumes(gligen_dir, tmp_path, capsys, monkeypatch):
     from gligen import generate
 
     layouts = tmp_path / "three.jsonl"
@@ -253,7 +246,7 @@ def test_ctrl_c_in_generate_says_what_was_finished_and_the_rerun_resumes(tiny_gl
         written.append(real_write(*args, **kwargs))
 
     monkeypatch.setattr(generate, "_write", interrupted_after_one)
-    argv = ["generate", "--model", tiny_gligen, "--layout", layouts, "--out", out, "--steps", 2, "--device", "cpu"]
+    argv = ["generate", "--model", gligen_dir, "--layout", layouts, "--out", out, "--steps", 2, "--device", "cpu"]
     line = one_line(capsys, gligen_main, *argv, status=130)
     assert line == f"gligen: interrupted (1 of 3 layouts written to {out}); rerun the same command to resume"
     assert sorted(os.listdir(out)) == ["three_0000.json", "three_0000.png"]
@@ -263,7 +256,7 @@ def test_ctrl_c_in_generate_says_what_was_finished_and_the_rerun_resumes(tiny_gl
     assert len(list(out.glob("*.png"))) == 3 and leftovers(out) == []
 
 
-def test_sigterm_in_eval_generate_says_what_was_finished(tiny_gligen, tmp_path, inputs, capsys, monkeypatch):
+def test_sigterm_in_eval_generate_says_what_was_finished(gligen_dir, tmp_path, inputs, capsys, monkeypatch):
     from gligen.pipeline import GligenPipeline
 
     gt = json.loads(inputs["gt"].read_text())
@@ -281,7 +274,7 @@ def test_sigterm_in_eval_generate_says_what_was_finished(tiny_gligen, tmp_path, 
     monkeypatch.setattr(GligenPipeline, "__call__", terminated_in_the_second_batch)
     out = tmp_path / "eval"
     line = one_line(capsys, gligen_main, "eval", "generate", "--annotations", write_json(tmp_path / "gt3.json", gt),
-                    "--model", tiny_gligen, "--size", 16, "--steps", 2, "--device", "cpu", "--out", out, status=143)
+                    "--model", gligen_dir, "--size", 16, "--steps", 2, "--device", "cpu", "--out", out, status=143)
     assert line == f"gligen: terminated (1 of 3 images written to {out}); rerun the same command to resume"
     assert len(list(out.glob("*.png"))) == 1 and leftovers(out) == []
 
@@ -409,12 +402,12 @@ def test_a_malformed_adapter_config_is_one_line_naming_file_and_key(config, mess
     assert str(error.value).startswith(f"{adapter / 'adapter_config.json'}: ")
 
 
-def test_a_malformed_adapter_config_through_generate(tiny_gligen, tmp_path, inputs, capsys):
+def test_a_malformed_adapter_config_through_generate(gligen_dir, tmp_path, inputs, capsys):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     write_json(adapter / "adapter_config.json", {"blocks": {"b": [32, 2, 16]}, "max_entities": "30"})
     (adapter / "adapter.safetensors").write_bytes(b"")
-    line = one_line(capsys, gligen_main, "generate", "--model", tiny_gligen, "--adapter", adapter,
+    line = one_line(capsys, gligen_main, "generate", "--model", gligen_dir, "--adapter", adapter,
                     "--layout", inputs["layout"], "--out", tmp_path / "out", "--steps", 2, "--device", "cpu")
     assert line == f"gligen: error: {adapter / 'adapter_config.json'}: 'max_entities' must be a positive integer, got '30'"
 

@@ -12,16 +12,10 @@ from safetensors.torch import load_file
 from gligen.errors import UserError
 from gligen.layout import Entity, Layout
 from gligen.pipeline import GligenPipeline
-from tests.tiny import save_tiny_gligen
 
 SIZE, STEPS = 16, 4
 LAYOUT = Layout("a cat and a dog", (Entity("a cat", (0.1, 0.2, 0.5, 0.9)), Entity("a dog", (0.55, 0.25, 0.95, 0.8))),
                 width=SIZE, height=SIZE, seed=3)
-
-
-@pytest.fixture(scope="module")
-def gligen_dir(tmp_path_factory):
-    return save_tiny_gligen(tmp_path_factory.mktemp("gligen"))[1]
 
 
 @pytest.fixture

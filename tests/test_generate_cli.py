@@ -14,7 +14,7 @@ from gligen.adapter import GroundingAdapter
 from gligen.cli import main
 from gligen.layout import load_layouts
 from gligen.pipeline import GligenPipeline
-from tests.tiny import HIDDEN, randomize_grounding, save_tiny_gligen, save_tiny_sd
+from tests.tiny import HIDDEN, randomize_grounding, save_tiny_sd
 
 CAT = {"phrase": "a cat", "box": [0.1, 0.2, 0.5, 0.9]}
 DOG = {"phrase": "a dog", "box": [0.55, 0.25, 0.95, 0.8]}
@@ -32,11 +32,6 @@ def gligen_cli(*argv):
 def write_jsonl(path, *layouts):
     path.write_text("".join(json.dumps(layout) + "\n" for layout in layouts))
     return path
-
-
-@pytest.fixture(scope="module")
-def gligen_dir(tmp_path_factory):
-    return save_tiny_gligen(tmp_path_factory.mktemp("gligen"))[1]
 
 
 @pytest.fixture(scope="module")
