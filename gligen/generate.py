@@ -78,7 +78,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-side", type=positive_int, default=MAX_SIDE,
                         help=f"refuse layouts wider or taller than this many pixels (default {MAX_SIDE})")
     parser.add_argument("--image-encoder", help="CLIP vision directory or hub id for reference images")
-    parser.add_argument("--inpaint-image", help="image to repaint inside the boxes (inpainting models)")
+    parser.add_argument("--inpaint-image", help="image to repaint inside the boxes (an inpainting model also "
+                        "sees the masked image; any other repaints by latent blending)")
     parser.add_argument("--attention", choices=["sdpa", "xformers"], default="sdpa")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet with its fusers (CUDA graphs "
                         "on CUDA, channels-last, fused QKV): slower first batch, faster after")

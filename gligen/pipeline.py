@@ -473,7 +473,9 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
         (3,H,W) tensors ('pt') or latents ('latent').
 
         Layouts of one size run as one batch. `inpaint_image` (one image, or one per layout) is
-        repainted inside the entity boxes; the UNet must take the 9-channel inpainting input.
+        repainted inside the entity boxes: an inpainting UNet (9 input channels) also sees the masked
+        image; any other UNet repaints by latent blending alone (outside the boxes the latents are the
+        image's, noised to each step, as in Blended Latent Diffusion).
         `max_entities` is both the most entities kept per layout (the largest, with a warning)
         and the number of grounding slots (the released models were trained with 30). An entity's
         `image` (text-image-box) is a path or a PIL image; an entity with an image and an empty
@@ -537,8 +539,6 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
 
     def validate(self, layouts: Sequence[Layout], inpainting: bool = False) -> None:
         """Raise a UserError for what this pipeline cannot do with these layouts, before any work."""
-        if inpainting and not self.inpaints:
-            raise UserError("this model does not inpaint: its UNet does not take the 9-channel inpainting input")
         if self.inpaints and not inpainting:
             raise UserError("this model inpaints: give an image to repaint (--inpaint-image)")
         feature_type = self.adapter.config.feature_type if self.adapter is not None else None
@@ -614,7 +614,7 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
             residuals = {}
             if control is not None:
                 residuals = control.residuals(self.controlnet, model_input, t, unet_kwargs, i, len(timesteps))
-            if inpainting is not None:
+            if inpainting is not None and self.inpaints:
                 model_input = torch.cat([model_input, inpainting.condition(2 if guided else 1)], dim=1)
             if map_channels is not None and scales[step] > 0:  # at scale 0 the base's first conv alone, as official
                 model_input = torch.cat([model_input, map_channels.to(self.unet.dtype)], dim=1)

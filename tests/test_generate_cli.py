@@ -156,9 +156,6 @@ def test_bad_files_exit_1(gligen_dir, sd_and_adapter, tmp_path, capsys):
     _fails(capsys, tmp_path, ["--model", gligen_dir, "--layout", layouts, "--scheduler", "nope"], "unknown scheduler 'nope'")
     _fails(capsys, tmp_path, ["--model", gligen_dir, "--layout", layouts, "--inpaint-image", corrupt],
            "cannot read the image")
-    Image.new("RGB", (16, 16)).save(tmp_path / "scene.png")
-    _fails(capsys, tmp_path, ["--model", gligen_dir, "--layout", layouts, "--inpaint-image", tmp_path / "scene.png"],
-           "this model does not inpaint")
 
 
 def test_console_entry_point_user_and_usage_errors(tmp_path):

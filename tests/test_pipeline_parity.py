@@ -148,6 +148,23 @@ def test_inpainting_adapter_on_a_plain_base(tmp_path_factory):
         ours(layout, num_inference_steps=1, inpaint_image=[image, image])
 
 
+def test_plain_base_repaints_by_latent_blending(text_box):
+    """A 4-channel UNet repaints the boxes by latent blending: outside them the result follows the image."""
+    _, _, ours = text_box
+    assert not ours.inpaints
+    image = Image.new("RGB", (SIZE, SIZE), (200, 30, 30))
+    layout = _layout(seed=3)
+    pixels = ours.vae_processor.preprocess(image, SIZE, SIZE)
+    target = ours.vae.encode(pixels).latent_dist.mean[0] * ours.vae.config.scaling_factor
+    repainted = ours(layout, num_inference_steps=STEPS, inpaint_image=image, output_type="latent").images[0]
+    free = ours(layout, num_inference_steps=STEPS, output_type="latent").images[0]
+    outside = box_mask(layout.boxes, target.shape[1:]).bool()
+    assert 0 < outside.sum() < outside.numel()
+    near = (repainted - target)[:, outside].abs().mean()
+    assert near < 0.25 * (free - target)[:, outside].abs().mean()
+    assert not torch.allclose(repainted[:, ~outside], free[:, ~outside])
+
+
 def test_text_image_matches_diffusers_two_pass_pipeline(tmp_path_factory, tmp_path):
     """diffusers runs the UNet twice per step (grounded, then null grounding); ours once, batched."""
     directory = tmp_path_factory.mktemp("text_image")
