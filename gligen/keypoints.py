@@ -13,7 +13,6 @@ Shapes: B layouts, P = max_persons, S = P * 17 slots (person-major), C the token
 
 from __future__ import annotations
 
-import warnings
 from typing import Sequence
 
 import torch
@@ -77,14 +76,11 @@ def largest_persons(entities: Sequence[tuple[Box, Keypoints | None]], max_person
     return [keypoints for _, _, keypoints in persons]
 
 
-def check_persons(layouts: Sequence[Layout], max_persons: int | None) -> None:
-    """Warn about keypoints a model will not see: all of them (`max_persons` None: no keypoint model), or
-    the persons of a layout beyond `max_persons`."""
+def ignored_keypoints(layouts: Sequence[Layout], max_persons: int | None) -> list[str]:
+    """What a model will not see of the layouts' keypoints, as warnings: all of them (`max_persons` None: no
+    keypoint model), or the persons of a layout beyond `max_persons`."""
     counts = [sum(e.keypoints is not None for e in layout.entities) for layout in layouts]
-    if max_persons is None and any(counts):
-        warnings.warn("keypoints are ignored: the model grounds no keypoints", stacklevel=3)
-    elif max_persons is not None:
-        for layout, count in zip(layouts, counts):
-            if count > max_persons:
-                warnings.warn(f"layout {layout.prompt!r} has {count} persons with keypoints; the model grounds the "
-                              f"{max_persons} largest", stacklevel=3)
+    if max_persons is None:
+        return ["keypoints are ignored: the model grounds no keypoints"] if any(counts) else []
+    return [f"layout {layout.prompt!r} has {count} persons with keypoints; the model grounds the {max_persons} largest"
+            for layout, count in zip(layouts, counts) if count > max_persons]

@@ -59,7 +59,7 @@ from gligen.bundled import DEMO, resolve_model
 from gligen.errors import UserError
 from gligen.files import open_image, write_json
 from gligen.grounding import GroundingInputs, add_style, encode_images, pad_entities, scatter_embeds
-from gligen.keypoints import check_persons, keypoint_tensors
+from gligen.keypoints import ignored_keypoints, keypoint_tensors
 from gligen.layout import MAX_ENTITIES, Layout
 from gligen.plms import PLMSScheduler
 from gligen.maps import DEFAULT_SCHEDULES, LABEL_TYPES
@@ -195,6 +195,7 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
         self.control_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True,
                                                    do_normalize=False)
         self.set_progress_bar_config(desc="denoise", leave=False)
+        self._warned: set[str] = set()
 
     @property
     def prompt_encoder(self) -> PromptEncoder:
@@ -545,11 +546,11 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
         images = [e.image for layout in layouts for e in layout.entities if e.image is not None]
         images += [layout.style for layout in layouts if layout.style]
         if images and feature_type != "text-image-box":
-            warnings.warn(f"reference and style images (such as {_describe(images[0])}) are ignored: the model "
-                          "grounds no images", stacklevel=2)
+            self._warn_once("reference and style images are ignored: the model grounds no images")
         elif images and self.image_encoder is None:
             raise UserError(f"image {_describe(images[0])} needs an image encoder (give --image-encoder)")
-        check_persons(layouts, self.adapter.config.max_persons if feature_type == "keypoint" else None)
+        for message in ignored_keypoints(layouts, self.adapter.config.max_persons if feature_type == "keypoint" else None):
+            self._warn_once(message)
         self._validate_conditions(layouts)
 
     def _validate_conditions(self, layouts: Sequence[Layout]) -> None:
@@ -564,7 +565,13 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
                 got = f"has a {given!r} map" if given else "has no 'condition'"
                 raise UserError(f"layout {layout.prompt!r} {got}, but this model grounds {condition.type!r} maps")
         if condition is not None and self.adapter.position_net is None and any(layout.entities for layout in layouts):
-            warnings.warn(f"entity boxes are ignored: the model grounds {condition.type!r} maps only", stacklevel=3)
+            self._warn_once(f"entity boxes are ignored: the model grounds {condition.type!r} maps only")
+
+    def _warn_once(self, message: str) -> None:
+        """Warn about what this pipeline ignores once, not on every call (a CLI validates, then calls per layout)."""
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, stacklevel=4)
 
     def _generate(self, batch: _Group, num_steps, guidance_scale, schedule, output_type, slots, eta, clip_skip,
                   cross_attention_kwargs, ip_embeds, control_settings, callback, callback_inputs, progress) -> list:

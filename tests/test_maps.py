@@ -66,7 +66,7 @@ def test_a_layout_with_a_map_generates_and_follows_its_map(sd_and_map_adapters, 
     Image.fromarray(labels, "L").save(tmp_path / "labels.png")
     layout = layout_file(tmp_path / "sem.json", {"type": "sem", "image": "labels.png"}, entities=[CAT])
     assert gligen_cli("--model", root / "sd", "--adapter", root / "sem", "--layout", layout, "--out", tmp_path / "sem") == 0
-    assert "warning: entity boxes are ignored: the model grounds 'sem' maps only" in capsys.readouterr().err
+    assert capsys.readouterr().err.count("warning: entity boxes are ignored: the model grounds 'sem' maps only") == 1
     assert (tmp_path / "sem" / "sem.png").is_file()
 
 
@@ -137,3 +137,37 @@ def test_convnext_loads_transformers_weights(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x).last_hidden_state, rtol=0, atol=1e-5)
+
+
+def test_eval_generates_map_only_layouts_with_the_maps_schedule_and_scores_their_fidelity(
+        sd_and_map_adapters, tmp_path):
+    from tests.test_eval_end_to_end import cli
+    from tests.tiny_detector import save_tiny_detector
+
+    root = sd_and_map_adapters
+    for shift in (0, 3):
+        edges(shift).save(tmp_path / f"edges{shift}.png")
+    layouts = tmp_path / "layouts.jsonl"
+    layouts.write_text("".join(
+        json.dumps({"prompt": "a house", "width": 16, "height": 16, "image_id": i,
+                    "condition": {"type": "canny", "image": f"edges{shift}.png"}}) + "\n"
+        for i, shift in enumerate((0, 3))))
+    model = ["--model", str(root / "sd"), "--adapter", str(root / "canny"), "--steps", "4", "--size", "16",
+             "--device", "cpu", "--annotations", str(layouts)]
+    runs = {"default": [], "canny": ["--schedule", "0.9,0,0.1"], "boxes": ["--schedule", "0.3,0,0.7"]}
+    for name, schedule in runs.items():
+        status, stderr = cli("generate", *model, *schedule, "--out", str(tmp_path / name))
+        assert status == 0, stderr
+    images = {name: [np.asarray(Image.open(path)) for path in sorted((tmp_path / name).glob("*.png"))] for name in runs}
+    assert len(images["default"]) == 2  # map-only layouts pass --min-objects 1
+    assert all(np.array_equal(a, b) for a, b in zip(images["default"], images["canny"]))  # the canny releases' schedule
+    assert not all(np.array_equal(a, b) for a, b in zip(images["default"], images["boxes"]))
+
+    detector = save_tiny_detector(tmp_path / "detector")
+    status, stderr = cli("score", "--annotations", str(tmp_path / "default" / "layouts.jsonl"), "--detector",
+                         str(detector), "--condition-fidelity", "--out", str(tmp_path / "score"))
+    assert status == 0, stderr
+    report = json.loads((tmp_path / "score" / "report.json").read_text())
+    assert 0 <= report["metrics"]["canny edge_f1"] <= 1 and report["metrics"]["canny maps"] == 2
+    assert report["layout"] is None and (tmp_path / "score" / "samples.png").is_file()
+    assert "canny edge_f1" in (tmp_path / "score" / "report.md").read_text()

@@ -51,9 +51,14 @@ def test_condition_command(tmp_path, capsys):
     capsys.readouterr()
     assert gligen_main(["condition", str(tmp_path / "photo.png"), "--type", "depth", "--out", str(tmp_path / "d.png")]) == 1
     err = capsys.readouterr().err
-    assert "depth maps need a depth model: give --condition-model" in err and "Traceback" not in err
-    assert gligen_main(["data", "shapes", "--n", "2", "--condition", "hed", "--out", str(tmp_path / "s")]) == 1
-    assert "HED maps need a HED network" in capsys.readouterr().err and not (tmp_path / "s").exists()
+    assert "depth maps need a depth model (e.g. Intel/dpt-hybrid-midas): give its transformers directory" in err
+    assert "Traceback" not in err
+    assert gligen_main(["data", "shapes", "--n", "2", "--condition", "hed", "--condition-model", str(tmp_path),
+                        "--out", str(tmp_path / "s")]) == 1
+    assert f"{tmp_path}: no ControlNetHED.pth in this directory" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+    assert gligen_main(["condition", str(tmp_path / "photo.png"), "--type", "sem", "--out", str(tmp_path / "m.png")]) == 1
+    assert "sem maps need an ADE20K semantic segmenter" in capsys.readouterr().err
     assert gligen_main(["condition", str(tmp_path / "nowhere.png"), "--type", "canny", "--out", str(tmp_path / "x.png")]) == 1
     assert "nowhere.png" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
 
@@ -152,3 +157,72 @@ def test_depth_and_normal_maps_from_a_transformers_depth_model(tmp_path):
     assert np.corrcoef(depth.ravel(), expected.ravel())[0, 1] > 0.99  # the model's inverse depth, rescaled to 0..255
     assert depth.min() == 0 and depth.max() == 255
     assert np.allclose(np.linalg.norm(values.astype(float) / 255 * 2 - 1, axis=-1), 1, atol=0.02)  # unit normals
+
+
+def reference_hed(state: dict, rgb: torch.Tensor) -> torch.Tensor:
+    """ControlNet 1.1's HED forward written out with functional ops: (1, 3, H, W) in 0..255 -> (H, W) in [0, 1]."""
+    x, logits = rgb - state["norm"], []
+    for block, convs in enumerate((2, 2, 3, 3, 3), 1):
+        if block > 1:
+            x = torch.nn.functional.max_pool2d(x, kernel_size=2, stride=2)
+        for i in range(convs):
+            x = torch.relu(torch.nn.functional.conv2d(x, state[f"block{block}.convs.{i}.weight"],
+                                                      state[f"block{block}.convs.{i}.bias"], padding=1))
+        edge = torch.nn.functional.conv2d(x, state[f"block{block}.projection.weight"], state[f"block{block}.projection.bias"])
+        logits.append(torch.nn.functional.interpolate(edge, rgb.shape[2:], mode="bilinear"))
+    return torch.sigmoid(torch.stack(logits).mean(0))[0, 0]
+
+
+def test_hed_maps_from_controlnets_hed_weights(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from gligen.maps.hed import HedNetwork
+
+    torch.manual_seed(0)
+    state = {k: v * 0.05 if k.endswith("weight") else v for k, v in HedNetwork().state_dict().items()}
+    state["norm"] = torch.tensor([120.0, 115.0, 100.0]).reshape(1, 3, 1, 1)
+    (tmp_path / "annotators").mkdir()
+    torch.save(state, tmp_path / "annotators" / "ControlNetHED.pth")  # a plain pickle of tensors, as released
+    save_file(state, tmp_path / "hed.safetensors")
+    photo = square_picture().resize((36, 28))
+    photo.save(tmp_path / "photo.png")
+    out = tmp_path / "hed.png"
+    assert gligen_main(["condition", str(tmp_path / "photo.png"), "--type", "hed", "--model",
+                        str(tmp_path / "annotators"), "--out", str(out)]) == 0
+    rgb = torch.from_numpy(np.asarray(photo.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None]
+    expected = (reference_hed(state, rgb) * 255).clamp(0, 255).byte().numpy()
+    with Image.open(out) as written:
+        assert written.mode == "L" and written.size == (36, 28)
+        assert np.abs(np.asarray(written).astype(int) - expected).max() <= 1
+    from_safetensors = HedNetwork.from_pretrained(tmp_path / "hed.safetensors").edge_map(photo)
+    assert np.abs(np.asarray(from_safetensors).astype(int) - expected).max() <= 1
+
+    torch.save({"block1.convs.0.weight": state["block1.convs.0.weight"]}, tmp_path / "partial.pth")
+    capsys.readouterr()
+    assert gligen_main(["condition", str(tmp_path / "photo.png"), "--type", "hed", "--model",
+                        str(tmp_path / "partial.pth"), "--out", str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'partial.pth'}: not ControlNet's HED network (missing block1.convs.0.bias)" in err
+    assert "Traceback" not in err and not (tmp_path / "x.png").exists()
+
+
+def test_sem_maps_from_a_transformers_ade20k_segmenter(tmp_path):
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
+
+    torch.manual_seed(0)
+    config = SegformerConfig(num_labels=150, hidden_sizes=[8, 8, 16, 16], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 2],
+                             decoder_hidden_size=16, sr_ratios=[1, 1, 1, 1])
+    model = SegformerForSemanticSegmentation(config).eval()
+    model.save_pretrained(tmp_path / "segformer")
+    SegformerImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "segformer")
+    photo = Image.fromarray((np.random.default_rng(1).random((24, 40, 3)) * 255).astype(np.uint8))
+    photo.save(tmp_path / "photo.png")
+    assert gligen_main(["condition", str(tmp_path / "photo.png"), "--type", "sem", "--model", str(tmp_path / "segformer"),
+                        "--out", str(tmp_path / "sem.png")]) == 0
+    inputs = SegformerImageProcessor.from_pretrained(tmp_path / "segformer")(images=photo, return_tensors="pt")
+    with torch.no_grad():
+        logits = torch.nn.functional.interpolate(model(**inputs).logits, (24, 40), mode="bilinear")
+    with Image.open(tmp_path / "sem.png") as written:
+        labels = np.asarray(written)
+    assert written.mode == "L" and labels.shape == (24, 40)
+    assert np.array_equal(labels, logits[0].argmax(0).numpy() + 1)  # ADE20K's PNG labels: class i is i + 1

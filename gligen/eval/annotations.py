@@ -11,7 +11,8 @@ normalized, so they are the same on the generated and on the real image.
 The filters are those of the layout-to-image literature (LostGAN, LAMA, GLIGEN): crowd
 annotations dropped, boxes under `min_area` of the image dropped, images with fewer than
 `min_objects` or more than `max_objects` remaining boxes skipped, then the `max_entities`
-largest boxes kept.
+largest boxes kept. A layout with a condition map and no box is kept whatever the box filters say:
+its map grounds it.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def _from_layouts(path: Path, filters: Filters) -> tuple[list[Record], list[Cate
         image_id = layout.meta.get("image_id", index)
         if not isinstance(image_id, int) or isinstance(image_id, bool):
             raise UserError(f"{path} line {index + 1}: 'image_id' must be an integer, got {image_id!r}")
-        entities = _filter(list(layout.entities), filters)
+        map_only = layout.condition is not None and not layout.entities  # grounded by its map: no box to count
+        entities = [] if map_only else _filter(list(layout.entities), filters)
         if entities is not None:
             layout = _keep_largest(replace(layout, entities=tuple(entities)), filters.max_entities)
             records.append(Record(layout, image_id, str(layout.meta.get("file_name", ""))))

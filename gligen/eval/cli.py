@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="classifier-free guidance scale (default 7.5)")
     schedule = generate.add_mutually_exclusive_group()
     schedule.add_argument("--beta", type=fraction, help="grounding for the first beta of the steps: beta,0,1-beta")
-    schedule.add_argument("--schedule", help="scheduled sampling a,b,c (default 0.3,0,0.7)")
+    schedule.add_argument("--schedule", help="scheduled sampling a,b,c (default: the model's; 0.3,0,0.7 for boxes)")
     generate.add_argument("--seed", type=seed, default=0, help="base seed; each image's seed comes from it and its id")
     generate.add_argument("--batch-size", type=positive_int, default=1)
     generate.add_argument("--size", type=number(int, 8, MAX_SIDE), default=None,
@@ -76,8 +76,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "keypoint AP of the layout persons' poses")
     score.add_argument("--condition-fidelity", action="store_true",
                        help="layouts with a 'condition' map: the same map made from each image, compared with it "
-                            "(canny: edge F1, depth: scale-invariant RMSE, normal: mean angle, sem: mIoU)")
-    score.add_argument("--segmenter", help="sem fidelity: a transformers ADE20K segmenter (directory or hub id)")
+                            "(canny, hed: edge F1, depth: scale-invariant RMSE, normal: mean angle, sem: mIoU; the "
+                            "map's network from --condition-model)")
     from gligen.maps.cli import add_extractor_options
 
     add_extractor_options(score, "--condition-model")
@@ -132,12 +132,12 @@ def _generate(args: argparse.Namespace) -> None:
         raise UserError(f"--size must be a multiple of 8, got {args.size}")
     eval_set = _eval_set(args, args.size)  # bad input fails before the model loads
     from gligen.pipeline import GligenPipeline
-    from gligen.schedule import DEFAULT_SCHEDULE, parse_schedule, schedule_from_beta
+    from gligen.schedule import parse_schedule, schedule_from_beta
 
     if args.beta is not None:
         schedule = schedule_from_beta(args.beta)
-    else:
-        schedule = parse_schedule(args.schedule) if args.schedule else DEFAULT_SCHEDULE
+    else:  # None: the pipeline's default, that of its map condition if it has one
+        schedule = parse_schedule(args.schedule) if args.schedule else None
     pipeline = GligenPipeline.from_pretrained(args.model, adapter=args.adapter, device=_device(args),
                                               dtype=_dtype(args), scheduler=args.scheduler)
     suit_threads(pipeline.unet, pipeline.device)
@@ -168,7 +168,9 @@ def _score(args: argparse.Namespace) -> None:
     pose_estimator = None
     if args.pose_model:
         pose_estimator = PoseEstimator.from_pretrained(args.pose_model, device=_device(args), dtype=_dtype(args))
-    detector = OpenSetDetector.from_pretrained(args.detector, device=_device(args), dtype=_dtype(args))
+    boxed = any(record.layout.entities for record in eval_set.records)  # map-only sets have no box to detect
+    detector = OpenSetDetector.from_pretrained(args.detector, device=_device(args), dtype=_dtype(args)) if boxed \
+        else None
     score.score_images(detector, eval_set, images, args.out, args.real_images, settings, extra, pose_estimator)
 
 

@@ -134,7 +134,8 @@ def score_images(
 
     One detector pass serves both AP (all detections) and the layout checks (those over
     `settings.verify_threshold`, by default the detector family's box threshold, matched to the entities
-    by `detector.verify.match_entities`).
+    by `detector.verify.match_entities`). Layouts without entities (a map grounds them) are not detected;
+    with no entity in the whole set `detector` may be None and the report holds `extra_metrics` alone.
     A `pose_estimator` adds the keypoint AP of the layout persons' poses.
     """
     from detector.verify import distinct_phrases, match_entities
@@ -147,6 +148,8 @@ def score_images(
                    file=sys.stderr)
     if not present:
         raise UserError(f"{images_dir}: none of the {len(eval_set.records)} images of the evaluation set is there")
+    if detector is None:
+        return _report_without_boxes(present, missing, images_dir, real_images, settings, extra_metrics or {}, out_dir)
     if settings.verify_threshold is None:  # as `detector verify` checks with this family (never below the AP threshold)
         settings = replace(settings, verify_threshold=max(detector.default_box_threshold, settings.box_threshold))
     category_ids = eval_set.category_ids()
@@ -156,10 +159,12 @@ def score_images(
         batch = present[start:start + settings.batch_size]
         images = [open_image(path) for _, path in batch]
         layouts = [record.layout for record, _ in batch]
-        phrases = [distinct_phrases(layout) for layout in layouts]  # the phrase ids `match_entities` expects
-        found = detector.detect(images, phrases, box_threshold=settings.box_threshold,
-                                text_threshold=settings.text_threshold, batch_size=settings.batch_size)
-        for (record, _), layout, detections in zip(batch, layouts, found):
+        boxed = [i for i, layout in enumerate(layouts) if layout.entities]
+        found = detector.detect([images[i] for i in boxed], [distinct_phrases(layouts[i]) for i in boxed],
+                                box_threshold=settings.box_threshold, text_threshold=settings.text_threshold,
+                                batch_size=settings.batch_size) if boxed else []
+        for i, detections in zip(boxed, found):  # phrase ids as `match_entities` expects (distinct_phrases)
+            record, layout = batch[i][0], layouts[i]
             results.extend(coco_results(record.image_id, detections, category_ids))
             verifications.append(match_entities(layout, above(detections, settings.verify_threshold),
                                                 settings.iou_threshold))
@@ -196,6 +201,20 @@ def score_images(
         settings=asdict(settings),
         files=files,
     )
+    write_report(out_dir, report)
+    return report
+
+
+def _report_without_boxes(present: list, missing: list, images_dir, real_images: bool, settings: ScoreSettings,
+                          metrics: dict[str, float], out_dir: str | Path) -> dict[str, Any]:
+    """The report of an evaluation set without entities (map conditions): its quality metrics and a samples grid."""
+    from gligen.files import open_image
+
+    samples = [_sample(open_image(path), record.layout) for record, path in present[:settings.num_samples]]
+    save_image(Path(out_dir) / GRID_FILE, make_grid(samples))
+    report = _report(mode="real images" if real_images else "generated images", images=str(images_dir),
+                     num_images=len(present), missing=missing, metrics=metrics, lvis=False, layout=None,
+                     settings=None, files={"detections": None, "ground_truth": None, "grid": GRID_FILE})
     write_report(out_dir, report)
     return report
 

@@ -14,8 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("condition", description=__doc__)
     parser.add_argument("image", help="the image to make the map of")
     parser.add_argument("--type", required=True, choices=CONDITION_TYPES, dest="kind",
-                        help="canny (OpenCV), depth or normal (a transformers depth model, --model); hed and sem "
-                             "maps are not made here")
+                        help="canny (OpenCV), hed (ControlNet's HED network), depth or normal (a transformers depth "
+                             "model), sem (a transformers ADE20K segmenter); --model gives the network")
     parser.add_argument("--out", required=True, type=OutputFile, help="the map file to write (.png)")
     add_extractor_options(parser, "--model")
     parser.set_defaults(func=run)
@@ -24,10 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def add_extractor_options(parser: argparse.ArgumentParser, model_flag: str) -> None:
     """The extractor's options, shared by `gligen condition` and the data writers."""
     parser.add_argument(model_flag, dest="condition_model",
-                        help="depth / normal maps: a transformers depth model (directory or hub id)")
+                        help="hed: ControlNetHED.pth or its directory (default lllyasviel/Annotators); depth / normal: "
+                             "a transformers depth model; sem: a transformers ADE20K segmenter (directory or hub id)")
     parser.add_argument("--canny-low", type=positive_int, default=100, help="Canny's lower threshold (default 100)")
     parser.add_argument("--canny-high", type=positive_int, default=200, help="Canny's upper threshold (default 200)")
-    parser.add_argument("--condition-device", default="cpu", help="device of the depth model (default cpu)")
+    parser.add_argument("--condition-device", default="cpu", help="device of the map's network (default cpu)")
 
 
 def extractor(kind: str, args: argparse.Namespace):
@@ -44,7 +45,6 @@ def run(args: argparse.Namespace) -> None:
 
 def fidelity_metrics(present: list, args: argparse.Namespace) -> dict[str, float]:
     """`gligen eval score --condition-fidelity`: condition fidelity of the (record, image path) pairs present."""
-    from gligen.maps.extract import Segmenter
     from gligen.maps.fidelity import score_images
 
     pairs = [(record.layout, path) for record, path in present if record.layout.condition is not None]
@@ -53,10 +53,4 @@ def fidelity_metrics(present: list, args: argparse.Namespace) -> dict[str, float
     kinds = sorted({layout.condition.type for layout, _ in pairs})
     if len(kinds) > 1:
         raise UserError(f"--condition-fidelity: the layouts mix condition types ({', '.join(kinds)}); score each apart")
-    if kinds[0] == "sem":
-        if not args.segmenter:
-            raise UserError("--condition-fidelity on sem maps needs --segmenter (a transformers ADE20K segmenter)")
-        make_map = Segmenter.from_pretrained(args.segmenter, args.condition_device)
-    else:
-        make_map = extractor(kinds[0], args)
-    return score_images(pairs, make_map)
+    return score_images(pairs, extractor(kinds[0], args))

@@ -5,9 +5,9 @@
   directory or hub id) -> its relative inverse depth (near bright) scaled to 0 .. 255.
 - normal: a transformers depth model's output turned into surface normals (the gradient of the inverse depth,
   as ControlNet's normal maps were made from MiDaS) -> RGB = (n + 1) / 2 * 255.
-- hed: needs a small HED network that no maintained package here provides (controlnet-aux ships one but
-  downloads its weights); make HED maps with it, or another tool, and give them as files.
-- sem: needs an ADE20K segmenter; give the label PNGs as files.
+- hed: ControlNet 1.1's HED network (`gligen.maps.hed`; `ControlNetHED.pth`, default from lllyasviel/Annotators)
+  -> white soft edges on black.
+- sem: a transformers ADE20K semantic segmenter (e.g. a SegFormer fine-tuned on ADE20K) -> ADE20K label PNGs.
 """
 
 from __future__ import annotations
@@ -20,12 +20,7 @@ from PIL import Image
 
 from gligen.errors import UserError
 
-EXTRACTABLE = ("canny", "depth", "normal")
-NOT_EXTRACTABLE = {
-    "hed": "HED maps need a HED network no maintained package here provides; make them with controlnet-aux's "
-           "HEDdetector (or another tool) and give the files",
-    "sem": "semantic maps need an ADE20K segmenter; give ADE20K label PNGs",
-}
+EXTRACTABLE = ("canny", "hed", "depth", "normal", "sem")
 
 
 def canny(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
@@ -110,18 +105,25 @@ class Extractor:
     device: str = "cpu"
 
     def __post_init__(self):
-        if self.kind in NOT_EXTRACTABLE:
-            raise UserError(f"--condition {self.kind}: {NOT_EXTRACTABLE[self.kind]}")
         if self.kind not in EXTRACTABLE:
             raise UserError(f"--condition must be one of {', '.join(EXTRACTABLE)}, got {self.kind!r}")
         if self.kind == "canny":
             _cv2()
             if not 0 <= self.low <= self.high:
                 raise UserError(f"canny thresholds must satisfy 0 <= low <= high, got low {self.low}, high {self.high}")
+        elif self.kind == "hed":
+            from gligen.maps.hed import DEFAULT_REPO, HedNetwork
+
+            self._hed = HedNetwork.from_pretrained(self.model or DEFAULT_REPO).to(self.device)
         elif self.model is None:
-            raise UserError(f"{self.kind} maps need a depth model: give --condition-model (a transformers depth "
-                            "model directory or hub id, e.g. Intel/dpt-hybrid-midas)")
-        self._depth = DepthModel.from_pretrained(self.model, self.device) if self.kind != "canny" else None
+            needs = "an ADE20K semantic segmenter (e.g. a SegFormer fine-tuned on ADE20K)" if self.kind == "sem" else \
+                "a depth model (e.g. Intel/dpt-hybrid-midas)"
+            raise UserError(f"{self.kind} maps need {needs}: give its transformers directory or hub id "
+                            "(--condition-model; `gligen condition`: --model)")
+        elif self.kind == "sem":
+            self._segmenter = SemanticSegmenter.from_pretrained(self.model, self.device)
+        else:
+            self._depth = DepthModel.from_pretrained(self.model, self.device)
 
     def options(self) -> dict[str, Any]:
         """What decides the maps (a data writer's resume check)."""
@@ -130,6 +132,10 @@ class Extractor:
     def __call__(self, image: Image.Image) -> Image.Image:
         if self.kind == "canny":
             return canny(image, self.low, self.high)
+        if self.kind == "hed":
+            return self._hed.edge_map(image)
+        if self.kind == "sem":
+            return self._segmenter(image)
         depth = self._depth(image)
         return depth_image(depth) if self.kind == "depth" else normals_from_depth(depth)
 
@@ -142,7 +148,7 @@ def _cv2():
     return cv2
 
 
-class Segmenter(DenseModel):
+class SemanticSegmenter(DenseModel):
     """A transformers semantic segmenter trained on ADE20K's 150 classes (e.g. a SegFormer) -> label maps as
     ADE20K's PNGs hold them: its class i becomes label i + 1, 0 being 'other' (the `reduce_labels` convention)."""
 
