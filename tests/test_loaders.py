@@ -94,6 +94,20 @@ def test_lora_as_in_diffusers(tmp_path):
     _close(_ours(ours, _layout(), cross_attention_kwargs=half), _theirs(theirs, _layout(), cross_attention_kwargs=half))
 
 
+def test_lcm_lora_few_step_generation_as_in_diffusers(tmp_path):
+    """LCM-LoRA's recipe: the LoRA, the LCM scheduler, 4 steps, no guidance; the same image as diffusers'."""
+    from diffusers import LCMScheduler
+
+    theirs, ours = _pair(tmp_path)
+    lora = _lora(tmp_path)
+    for pipe in (theirs, ours):
+        pipe.load_lora_weights(lora)
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    got = _ours(ours, _layout(), guidance_scale=1.0)
+    _close(got, _theirs(theirs, _layout(), guidance_scale=1.0))
+    assert np.abs(got - _ours(ours, _layout(seed=4), guidance_scale=1.0)).max() > 1e-3  # LCM's noise follows the seed
+
+
 def test_textual_inversion_as_in_diffusers(tmp_path):
     theirs, ours = _pair(tmp_path)
     embedding = {"<toy>": torch.randn(HIDDEN, generator=torch.Generator().manual_seed(4))}

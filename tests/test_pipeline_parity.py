@@ -165,8 +165,9 @@ def test_plain_base_repaints_by_latent_blending(text_box):
     assert not torch.allclose(repainted[:, ~outside], free[:, ~outside])
 
 
-def test_text_image_matches_diffusers_two_pass_pipeline(tmp_path_factory, tmp_path):
-    """diffusers runs the UNet twice per step (grounded, then null grounding); ours once, batched."""
+@pytest.fixture(scope="module")
+def text_image(tmp_path_factory):
+    """diffusers' text-image GLIGEN pipeline on tiny components, ours loaded from its directory, a reference image."""
     directory = tmp_path_factory.mktemp("text_image")
     unet = tiny_unet(attention_type="gated-text-image")
     randomize_grounding(unet)
@@ -181,12 +182,17 @@ def test_text_image_matches_diffusers_two_pass_pipeline(tmp_path_factory, tmp_pa
     )
     reference.save_pretrained(directory / "pipe")
     ours = GligenPipeline.from_pretrained(str(directory / "pipe"))
-    assert ours.adapter.config.feature_type == "text-image-box"
-
     rng = np.random.default_rng(1)
-    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "dog.png")
-    reference_image = Image.open(tmp_path / "dog.png").convert("RGB")
-    layout = _layout(seed=9, entities=(ENTITIES[0], Entity("a dog", ENTITIES[1].box, image=str(tmp_path / "dog.png"))))
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(directory / "dog.png")
+    return reference, ours, directory / "dog.png"
+
+
+def test_text_image_matches_diffusers_two_pass_pipeline(text_image):
+    """diffusers runs the UNet twice per step (grounded, then null grounding); ours once, batched."""
+    reference, ours, dog = text_image
+    assert ours.adapter.config.feature_type == "text-image-box"
+    reference_image = Image.open(dog).convert("RGB")
+    layout = _layout(seed=9, entities=(ENTITIES[0], Entity("a dog", ENTITIES[1].box, image=str(dog))))
     expected = _reference_call(reference, layout, gligen_scheduled_sampling_beta=1.0,
                                gligen_images=[None, reference_image])
     got = _ours(ours, layout, schedule=(1.0, 0.0, 0.0))
@@ -194,6 +200,25 @@ def test_text_image_matches_diffusers_two_pass_pipeline(tmp_path_factory, tmp_pa
     # the reference image matters
     no_image = _ours(ours, _layout(seed=9), schedule=(1.0, 0.0, 0.0))
     assert np.abs(got - no_image).max() > 1e-3
+    # an image in memory is the same reference as its file
+    in_memory = _layout(seed=9, entities=(ENTITIES[0], Entity("a dog", ENTITIES[1].box, image=reference_image)))
+    assert np.array_equal(_ours(ours, in_memory, schedule=(1.0, 0.0, 0.0)), got)
+
+
+def test_image_only_entity_matches_diffusers_phraseless_image(text_image):
+    """An entity with a reference image and no phrase grounds the image alone, as diffusers' phrase None does."""
+    reference, ours, dog = text_image
+    reference_image = Image.open(dog).convert("RGB")
+    layout = _layout(seed=4, entities=(ENTITIES[0], Entity("", ENTITIES[1].box, image=reference_image)))
+    expected = reference(
+        prompt=layout.prompt, gligen_phrases=["a cat", None], gligen_images=[None, reference_image],
+        gligen_boxes=[list(b) for b in layout.boxes], gligen_scheduled_sampling_beta=1.0, num_inference_steps=STEPS,
+        guidance_scale=7.5, height=SIZE, width=SIZE, output_type="np",
+        generator=torch.Generator("cpu").manual_seed(layout.seed)).images[0]
+    got = _ours(ours, layout, schedule=(1.0, 0.0, 0.0))
+    assert np.abs(got - expected).max() <= TOLERANCE
+    with_phrase = _layout(seed=4, entities=(ENTITIES[0], Entity("a dog", ENTITIES[1].box, image=reference_image)))
+    assert np.abs(got - _ours(ours, with_phrase, schedule=(1.0, 0.0, 0.0))).max() > 3 * TOLERANCE  # the phrase counts
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
