@@ -37,7 +37,7 @@ from gligen.draw import draw_boxes
 from gligen.errors import progress, require
 from gligen.files import Output, open_image, save_image, write_json
 from gligen.layout import Box, Entity, Layout
-from gligen.masks import DEFAULT_FEATHER, box_mask, fit_image
+from gligen.masks import DEFAULT_FEATHER, box_pixels, fit_image
 
 OLD, NEW = (230, 25, 75), (60, 180, 75)  # overlay colours: what was found, what was painted
 KINDS = {"replace": "--replace", "remove": "--remove", "add": "--add", "move": "--move"}
@@ -231,7 +231,8 @@ class Editor:
         return self.repaint(image, (), edit.prompt_or(""), union(found)), Step(edit, found)
 
     def add(self, image: Image.Image, edit: Edit, where: str) -> tuple[Image.Image, Step]:
-        edited = self.repaint(image, (Entity(edit.phrase, edit.box),), edit.prompt_or(edit.phrase))
+        edited = self.repaint(image, (Entity(edit.phrase, edit.box),), edit.prompt_or(edit.phrase),
+                              box_pixels(edit.box, *image.size))
         return edited, Step(edit, painted=[edit.box])
 
     def move(self, image: Image.Image, edit: Edit, where: str) -> tuple[Image.Image, Step]:
@@ -240,7 +241,8 @@ class Editor:
         [instance] = self.find(image, edit.phrase, where)
         reference = cut_out(image, instance) if self.grounds_images else None
         emptied = self.repaint(image, (), "", instance.mask)
-        moved = self.repaint(emptied, (Entity(edit.phrase, edit.box, reference),), edit.prompt_or(edit.phrase))
+        moved = self.repaint(emptied, (Entity(edit.phrase, edit.box, reference),), edit.prompt_or(edit.phrase),
+                             box_pixels(edit.box, *image.size))
         return moved, Step(edit, [instance], [edit.box])
 
     @property
@@ -263,16 +265,14 @@ class Editor:
 
     def masks(self, image: Image.Image, boxes) -> list[np.ndarray]:
         """One (H, W) bool mask per box: the segmenter's, else (or where it finds nothing) the box's pixels."""
-        width, height = image.size
-        masks = [box_mask([box], (height, width)).numpy() == 0 for box in boxes.tolist()]
+        masks = [box_pixels(box, *image.size) for box in boxes.tolist()]
         if self.segmenter is not None:
             [segmented] = self.segmenter.segment([image], [boxes])
             masks = [mask.numpy() if mask.any() else fallback for mask, fallback in zip(segmented, masks)]
         return masks
 
-    def repaint(self, image: Image.Image, entities: tuple[Entity, ...], prompt: str,
-                mask: np.ndarray | None = None) -> Image.Image:
-        """`image` repainted where `mask` says (default: the entities' boxes), the entities grounded in their boxes."""
+    def repaint(self, image: Image.Image, entities: tuple[Entity, ...], prompt: str, mask: np.ndarray) -> Image.Image:
+        """`image` repainted where `mask` ((H, W) bool) says, the entities grounded in their boxes."""
         args = self.args
         layout = Layout(prompt, entities, width=image.width, height=image.height, seed=args.seed)
         return self.pipeline(layout, num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -297,10 +297,8 @@ def write_outputs(out: Path, name: str, edited: Image.Image, steps: Sequence[Ste
                   detector_name: str, settings: dict) -> None:
     """NAME.png, NAME.overlay.png (old boxes found, new boxes painted) and NAME.json, the record last."""
     save_image(out / f"{name}.png", edited)
-    old = [(instance.box, f"old: {step.edit.phrase} {instance.score:.2f}") for step in steps for instance in step.found]
-    new = [(box, f"new: {step.edit.new or step.edit.phrase}") for step in steps for box in step.painted]
-    boxes, labels = zip(*(old + new)) if old or new else ((), ())
-    save_image(out / f"{name}.overlay.png", draw_boxes(edited, boxes, labels, colors=[OLD] * len(old) + [NEW] * len(new)))
+    boxes, labels, colors = zip(*(item for step in steps for item in overlay_items(step)))
+    save_image(out / f"{name}.overlay.png", draw_boxes(edited, boxes, labels, colors=colors))
     record = {
         "image": f"{name}.png",
         "overlay": f"{name}.overlay.png",
@@ -315,6 +313,15 @@ def write_outputs(out: Path, name: str, edited: Image.Image, steps: Sequence[Ste
         "edits": [step_record(step) for step in steps],
     }
     write_json(out / f"{name}.json", record)
+
+
+def overlay_items(step: Step) -> list[tuple[Box, str, tuple[int, int, int]]]:
+    """The boxes an edit draws on the overlay, labelled: each instance found ("old: the dog 0.87"), each box painted
+    ("new: a cat"); one box for both where the new phrase took the old one's box ("the dog 0.87 -> a cat")."""
+    old = {instance.box: f"{step.edit.phrase} {instance.score:.2f}" for instance in step.found}
+    new = step.edit.new or step.edit.phrase
+    items = [(box, f"old: {label}", OLD) for box, label in old.items() if box not in step.painted]
+    return items + [(box, f"{old[box]} -> {new}" if box in old else f"new: {new}", NEW) for box in step.painted]
 
 
 def step_record(step: Step) -> dict[str, Any]:

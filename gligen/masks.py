@@ -11,6 +11,7 @@ ramp between.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import TYPE_CHECKING, Sequence
 
@@ -33,6 +34,14 @@ def box_mask(boxes: Sequence[Sequence[float]], size: Sequence[int]) -> torch.Ten
     mask = torch.ones(height, width)
     for x0, y0, x1, y1 in boxes:
         mask[int(y0 * height):int(y1 * height), int(x0 * width):int(x1 * width)] = 0
+    return mask
+
+
+def box_pixels(box: Sequence[float], width: int, height: int) -> np.ndarray:
+    """(height, width) bool: True on every pixel the normalized xyxy box touches (a box of any size has some)."""
+    x0, y0, x1, y1 = box
+    mask = np.zeros((height, width), dtype=bool)
+    mask[math.floor(y0 * height):math.ceil(y1 * height), math.floor(x0 * width):math.ceil(x1 * width)] = True
     return mask
 
 
@@ -87,9 +96,9 @@ def fit_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def entity_mask(entity: Entity, width: int, height: int) -> np.ndarray:
-    """(height, width) bool: the entity's polygon or mask image (resized to the layout), else its box."""
+    """(height, width) bool: the entity's polygon or mask image (resized to the layout), else its box's pixels."""
     if entity.mask is None:
-        return box_mask([entity.box], (height, width)).numpy() == 0
+        return box_pixels(entity.box, width, height)
     if isinstance(entity.mask, str):
         mask = read_mask(entity.mask)
         if mask.shape != (height, width):
