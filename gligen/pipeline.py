@@ -62,7 +62,7 @@ from gligen.files import open_image, write_json
 from gligen.grounding import GroundingInputs, add_style, encode_images, pad_entities, scatter_embeds
 from gligen.keypoints import ignored_keypoints, keypoint_tensors
 from gligen.layout import MAX_ENTITIES, Layout
-from gligen.masks import (DEFAULT_FEATHER, MaskLike, as_mask, box_mask, composite, feather_weights, fit_image, fit_mask,
+from gligen.masks import (DEFAULT_FEATHER, MaskLike, as_mask, composite, feather_weights, fit_image, fit_mask,
                           latent_keep_mask, union_mask)
 from gligen.plms import PLMSScheduler
 from gligen.maps import DEFAULT_SCHEDULES, LABEL_TYPES
