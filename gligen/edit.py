@@ -34,7 +34,7 @@ from gligen.bundled import DEMO
 from gligen.commands import number, positive_int, seed
 from gligen.devices import DTYPES, parse_device, parse_dtype, suit_threads
 from gligen.draw import draw_boxes
-from gligen.errors import progress, require
+from gligen.errors import UserError, progress, require
 from gligen.files import Output, open_image, save_image, write_json
 from gligen.layout import Box, Entity, Layout
 from gligen.masks import DEFAULT_FEATHER, box_pixels, fit_image
@@ -257,7 +257,7 @@ class Editor:
         if not len(detections):
             [seen] = self.detector.detect(image, [phrase], box_threshold=0.0, text_threshold=0.0)
             best = f"the best score seen is {seen.scores.max():.3f}" if len(seen) else "nothing was detected at all"
-            require(False, f"{where}: {phrase!r} not found ({best}, below the box threshold {self.box_threshold:g})")
+            raise UserError(f"{where}: {phrase!r} not found ({best}, below the box threshold {self.box_threshold:g})")
         keep = len(detections) if self.args.all else 1
         boxes, scores = detections.boxes[:keep], detections.scores[:keep]
         masks = self.masks(image, boxes)
@@ -285,12 +285,11 @@ def union(found: Sequence[Found]) -> np.ndarray:
 
 
 def cut_out(image: Image.Image, instance: Found) -> Image.Image:
-    """The instance's box of `image`, white outside its mask."""
+    """The pixels of `image` that the instance's box touches, white outside its mask."""
     white = Image.new("RGB", image.size, (255, 255, 255))
-    masked = Image.composite(image, white, Image.fromarray(instance.mask))
-    width, height = image.size
-    x0, y0, x1, y1 = instance.box
-    return masked.crop((round(x0 * width), round(y0 * height), round(x1 * width), round(y1 * height)))
+    masked = np.asarray(Image.composite(image, white, Image.fromarray(instance.mask)))
+    rows, columns = np.nonzero(box_pixels(instance.box, *image.size))
+    return Image.fromarray(masked[rows.min():rows.max() + 1, columns.min():columns.max() + 1])
 
 
 def write_outputs(out: Path, name: str, edited: Image.Image, steps: Sequence[Step], args: argparse.Namespace,

@@ -7,29 +7,34 @@ is never cut at a cell border); boxes alone keep diffusers' GLIGEN cells (`box_m
 With `keep_outside`, the decoded image is laid over the input: pixels farther than `feather`
 from the region are the input's exactly, pixels of the region the generated ones, a linear
 ramp between.
+
+torch is imported only when a function needs it, so that commands can declare their options (and
+read their masks) without loading it.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 if TYPE_CHECKING:
+    import torch
+
     from gligen.layout import Entity, Layout
 
 DEFAULT_FEATHER = 4  # pixels of ramp between the kept input and the generated region
 
-MaskLike = Image.Image | np.ndarray | torch.Tensor
+MaskLike = Union[Image.Image, np.ndarray, "torch.Tensor"]  # a mask given to the pipeline
 
 
 def box_mask(boxes: Sequence[Sequence[float]], size: Sequence[int]) -> torch.Tensor:
     """(h, w) mask: 0 inside the normalized xyxy boxes (cells truncated as diffusers' GLIGEN does), 1 elsewhere."""
+    import torch
+
     height, width = size
     mask = torch.ones(height, width)
     for x0, y0, x1, y1 in boxes:
@@ -69,6 +74,8 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
 
 def as_mask(mask: MaskLike) -> np.ndarray:
     """A PIL image (light = True), or an (H, W) bool/number array or tensor (nonzero = True) -> (H, W) bool."""
+    import torch
+
     if isinstance(mask, Image.Image):
         return np.asarray(mask.convert("L")) >= 128
     array = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
@@ -117,8 +124,10 @@ def union_mask(entities: Sequence[Entity], width: int, height: int) -> np.ndarra
 
 def latent_cells(mask: np.ndarray, factor: int) -> torch.Tensor:
     """(H, W) bool pixels -> (H/factor, W/factor) bool: a cell is True when any of its pixels is."""
-    pixels = torch.from_numpy(np.ascontiguousarray(mask)).float()[None, None]
-    return F.max_pool2d(pixels, factor)[0, 0] > 0
+    import torch
+
+    height, width = mask.shape
+    return torch.from_numpy(mask.reshape(height // factor, factor, width // factor, factor).any(axis=(1, 3)))
 
 
 def latent_keep_mask(layout: Layout, given: np.ndarray | None, size: Sequence[int], factor: int) -> torch.Tensor:
@@ -139,6 +148,9 @@ def latent_keep_mask(layout: Layout, given: np.ndarray | None, size: Sequence[in
 def feather_weights(mask: np.ndarray, feather: int) -> torch.Tensor:
     """(H, W) bool -> (H, W) float32 weight of the generated image: 1 on the mask, (feather + 1 - d) / (feather + 1)
     at chessboard distance d <= feather from it, 0 farther."""
+    import torch
+    import torch.nn.functional as F
+
     grown = torch.from_numpy(np.ascontiguousarray(mask)).float()[None, None]
     total = grown.clone()
     for _ in range(feather):

@@ -320,3 +320,23 @@ def test_move_gives_a_text_image_box_model_the_cut_out(tmp_path, detector_dir, p
                 "--move", "a cat", "--to", "0.5,0.5,0.9,0.9") == 0
     record = json.loads((out / "photo.json").read_text())
     assert record["adapter"] == str(adapter) and record["edits"][0]["painted"] == [[0.5, 0.5, 0.9, 0.9]]
+
+
+def test_a_segmenter_masks_what_is_found(gligen_dir, detector_dir, photo, tmp_path):
+    """With --segmenter, the SAM mask of the found box is the region repainted and the record holds it as RLE."""
+    segment = pytest.importorskip("detector.segment", reason="the segmentation contract (detector.segment) is not here")
+    from detector.rle import decode
+    from tests.tiny_segmenter import save_tiny_sam
+
+    sam = save_tiny_sam(tmp_path / "sam")
+    out = tmp_path / "out"
+    assert edit(gligen_dir, detector_dir, photo, out, "--segmenter", sam, "--replace", "a cat", "--with", "a dog") == 0
+    record = json.loads((out / "photo.json").read_text())
+    [used] = record["edits"][0]["detections"]
+    boxes = detections(detector_dir, photo, "a cat").boxes[:1]
+    [expected] = segment.Segmenter.from_pretrained(str(sam)).segment([Image.open(photo).convert("RGB")], [boxes])
+    mask = decode(used["mask"])
+    assert record["segmenter"] == str(sam) and np.array_equal(mask, expected[0].numpy() if expected[0].any()
+                                                              else box_pixels(used["box"], SIZE, SIZE))
+    outside = feather_weights(mask, 1).numpy() == 0
+    assert np.array_equal(pixels(out / "photo.png")[outside], pixels(photo)[outside])
