@@ -1,4 +1,4 @@
-"""`gligen` command line: generate, convert, data, eval, train, ui, condition. Each subcommand lives beside its code."""
+"""`gligen` command line: generate, edit, convert, data, eval, train, ui, condition. Each subcommand lives beside its code."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from gligen.commands import Command, run_commands
 
 COMMANDS = [
     Command("generate", "generate images from box layouts", "gligen.generate:register"),
+    Command("edit", "edit an image by phrase: replace, remove, add or move things", "gligen.edit:register"),
     Command("convert", "official GLIGEN checkpoint or diffusers GLIGEN model -> base + grounding adapter",
             "gligen.convert:register"),
     Command("data", "make training shards", "gligen.data.cli:register"),

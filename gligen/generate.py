@@ -30,6 +30,7 @@ from gligen.draw import draw_layout
 from gligen.errors import progress, require
 from gligen.files import Output, open_image, save_image, write_json
 from gligen.layout import MAX_ENTITIES, MAX_SIDE, SEED_MAX, Entity, Layout, load_layouts
+from gligen.masks import DEFAULT_FEATHER, read_mask
 from gligen.schedule import parse_schedule, schedule_from_beta
 
 # Nothing here imports torch, diffusers or transformers at module level: the layouts are read and
@@ -80,6 +81,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--image-encoder", help="CLIP vision directory or hub id for reference images")
     parser.add_argument("--inpaint-image", help="image to repaint inside the boxes (an inpainting model also "
                         "sees the masked image; any other repaints by latent blending)")
+    parser.add_argument("--inpaint-mask", metavar="FILE", help="with --inpaint-image: repaint where this mask image "
+                        "is light instead of inside the entities' masks and boxes")
+    parser.add_argument("--keep-outside", action="store_true", help="with --inpaint-image: keep every pixel outside "
+                        "the repainted region (grown by --feather) exactly as in the input")
+    parser.add_argument("--feather", type=number(int, 0), default=DEFAULT_FEATHER,
+                        help=f"with --keep-outside: pixels of ramp around the region (default {DEFAULT_FEATHER})")
     parser.add_argument("--attention", choices=["sdpa", "xformers"], default="sdpa")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet with its fusers (CUDA graphs "
                         "on CUDA, channels-last, fused QKV): slower first batch, faster after")
@@ -102,6 +109,7 @@ def run(args: argparse.Namespace) -> None:
         for job in jobs:
             _check_seeds(_prepared(job.layout, args), args.best_of, job.name)
     inpaint_image = open_image(args.inpaint_image) if args.inpaint_image else None
+    inpaint_mask = read_mask(args.inpaint_mask) if args.inpaint_mask else None
     from gligen.maps.encode import read_map
     from gligen.pipeline import GligenPipeline
 
@@ -133,28 +141,32 @@ def run(args: argparse.Namespace) -> None:
     pipeline.validate([job.layout for job in todo], inpainting=inpaint_image is not None)
     if args.compile:
         pipeline.compile()
-    generate_jobs(pipeline, todo, args, out, detector, detector_name, inpaint_image, already_done=len(jobs) - len(todo))
+    generate_jobs(pipeline, todo, args, out, detector, detector_name, inpaint_image, already_done=len(jobs) - len(todo),
+                  inpaint_mask=inpaint_mask)
 
 
 def generate_jobs(pipeline, jobs: Sequence[Job], args: argparse.Namespace, out: Path, detector=None,
                   detector_name: str | None = None, inpaint_image: Image.Image | None = None,
-                  step_bar: bool = False, already_done: int = 0) -> list[Candidate]:
+                  step_bar: bool = False, already_done: int = 0, inpaint_mask=None) -> list[Candidate]:
     """Generate prepared `jobs` with a loaded pipeline (and detector) as `args` say; write their files into `out`.
 
     `args` holds this command's options (its parser's defaults for those not given); `step_bar`
     adds a bar over the denoising steps of each batch; `already_done` layouts of the same run
-    (skipped as written) count in what an interrupt reports. Returns the candidate kept for each job.
+    (skipped as written) count in what an interrupt reports; `inpaint_mask` (an (H, W) bool array) replaces the
+    entities' masks as the region to repaint. Returns the candidate kept for each job.
     """
     schedule = _schedule(args) or pipeline.default_schedule
     settings = {
         "steps": args.steps, "guidance": args.guidance, "schedule": list(schedule),
         "scheduler": type(pipeline.scheduler).__name__, "dtype": str(pipeline.dtype).removeprefix("torch."),
         "device": str(pipeline.device), "max_entities": args.max_entities, "image_encoder": args.image_encoder,
-        "inpaint_image": args.inpaint_image, "attention": args.attention, "best_of": args.best_of,
+        "inpaint_image": args.inpaint_image, "inpaint_mask": args.inpaint_mask, "keep_outside": args.keep_outside,
+        "feather": args.feather if args.keep_outside else None, "attention": args.attention, "best_of": args.best_of,
         "detector": detector_name, "iou_threshold": args.iou_threshold if detector_name else None,
     }
     call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, schedule=schedule,
-                inpaint_image=inpaint_image, max_entities=args.max_entities, progress=step_bar)
+                inpaint_image=inpaint_image, inpaint_mask=inpaint_mask, keep_outside=args.keep_outside,
+                feather=args.feather, max_entities=args.max_entities, progress=step_bar)
     kept = {}
     done, total = already_done, already_done + len(jobs)
     finished = lambda: f"{done} of {total} layouts written to {out}"  # noqa: E731
@@ -184,6 +196,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
             "--caption, --phrases and --vocabulary go with --layout-from")
     require(sum(map(bool, (args.caption, args.phrases, args.vocabulary))) <= 1,
             "--layout-from takes one of --caption, --phrases and --vocabulary")
+    require(not (args.inpaint_mask or args.keep_outside) or args.inpaint_image,
+            "--inpaint-mask and --keep-outside go with --inpaint-image")
 
 
 def _check_seeds(layout: Layout, best_of: int, name: str) -> None:
@@ -216,11 +230,15 @@ def _prepared(layout: Layout, args: argparse.Namespace) -> Layout:
 
 def _detector_name(args: argparse.Namespace) -> str | None:
     """The detector to load (--detector, else the default), or None when no option needs one."""
+    needed = args.verify or args.best_of > 1 or args.layout_from
+    return (args.detector or default_detector(args.model)) if needed else None
+
+
+def default_detector(model: str) -> str:
+    """The detector used without --detector: the demo world's own with --model demo, else Grounding DINO-T."""
     from detector.cli import DEFAULT_MODEL
 
-    needed = args.verify or args.best_of > 1 or args.layout_from
-    default = DEMO if args.model == DEMO else DEFAULT_MODEL  # the demo world has its own detector
-    return (args.detector or default) if needed else None
+    return DEMO if model == DEMO else DEFAULT_MODEL
 
 
 def _detector(name: str, device):

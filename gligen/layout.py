@@ -10,7 +10,9 @@ which case they are divided by the layout's width and height on load.
 
 An entity may carry `keypoints` (17 COCO points [x, y] or [x, y, v], in the box units; v = 0:
 not given): its box, when missing, is that of its given points, and its phrase, when missing,
-is "person". A layout may carry `style`, an image whose style the picture takes (text-image-box
+is "person". An entity may carry `mask`, the region to repaint when inpainting: a PNG (light = the
+entity; relative to the layout file, resized to the layout) or a polygon [[x, y], ...] of at least 3
+points in the box units. A layout may carry `style`, an image whose style the picture takes (text-image-box
 models). Image paths are relative to the layout file.
 A layout may also carry a dense map that grounds the whole image, with or without entities:
 `"condition": {"type": "canny" | "hed" | "depth" | "normal" | "sem", "image": "map.png"}` (see `gligen.maps`).
@@ -34,6 +36,7 @@ from gligen.maps import CONDITION_TYPES, LABEL_TYPES
 
 Box = tuple[float, float, float, float]
 Span = tuple[int, int]
+Polygon = tuple[tuple[float, float], ...]
 
 MAX_ENTITIES = 30  # the released GLIGEN models were trained with at most 30 grounding tokens
 MAX_SIDE = 4096  # default limit on a layout's width and height, in pixels (`--max-side`)
@@ -49,11 +52,12 @@ class LayoutError(UserError):
 
 @dataclass(frozen=True)
 class Entity:
-    """One thing to place: a phrase, its normalized xyxy box, optionally a reference image and keypoints.
+    """One thing to place: a phrase, its normalized xyxy box, optionally a reference image, keypoints and a mask.
 
     `spans` are character spans of the phrase in the layout's prompt (`tokens_positive` in
     grounding data), when known. `keypoints` are a person's 17 normalized (x, y, v) in COCO's
-    order (`gligen.pose`).
+    order (`gligen.pose`). `mask` (inpainting: what to repaint instead of the box) is a mask image
+    path or a normalized polygon (`gligen.masks`).
     """
 
     phrase: str
@@ -61,6 +65,7 @@ class Entity:
     image: str | None = None
     spans: tuple[Span, ...] | None = None
     keypoints: Keypoints | None = None
+    mask: str | Polygon | None = None
 
     @property
     def area(self) -> float:
@@ -75,6 +80,8 @@ class Entity:
             out["tokens_positive"] = [list(s) for s in self.spans]
         if self.keypoints is not None:
             out["keypoints"] = [[round(x, 6), round(y, 6), v] for x, y, v in self.keypoints]
+        if self.mask is not None:
+            out["mask"] = self.mask if isinstance(self.mask, str) else [[round(x, 6), round(y, 6)] for x, y in self.mask]
         return out
 
 
@@ -256,7 +263,10 @@ def _entity(raw: Any, where: str, scale: tuple, base_dir: str | os.PathLike | No
     image = raw.get("image")
     if image is not None:
         image = _image_path(image, where, base_dir, "image", "reference image")
-    return Entity(phrase.strip(), box, image, _spans(raw.get("tokens_positive"), where, text), keypoints)
+    mask = raw.get("mask")
+    if mask is not None:
+        mask = _mask_path(mask, where, base_dir) if isinstance(mask, str) else _polygon(mask, where, scale)
+    return Entity(phrase.strip(), box, image, _spans(raw.get("tokens_positive"), where, text), keypoints, mask)
 
 
 def _box(box: Any, where: str, scale: tuple) -> Box:
@@ -300,6 +310,40 @@ def _keypoints(raw: Any, where: str, scale: tuple) -> Keypoints:
             raise LayoutError(f"{at} {_short(point)} lies outside the image ([0, 1] normalized)")
         points.append((x, y, v) if v else (0.0, 0.0, 0))
     return tuple(points)
+
+
+def _polygon(raw: Any, where: str, scale: tuple) -> Polygon:
+    """A mask polygon of the file: at least 3 [x, y] points inside the image, spanning an area; normalized."""
+    if not isinstance(raw, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in raw):
+        raise LayoutError(f"{where}: 'mask' must be a mask image path or a polygon [[x, y], ...], got {_short(raw)}")
+    if len(raw) < 3:
+        raise LayoutError(f"{where}: mask polygon has {len(raw)} point(s); a polygon needs at least 3")
+    points = []
+    for k, point in enumerate(raw):
+        x, y = (_finite(v) for v in point)
+        if x is None or y is None:
+            raise LayoutError(f"{where}: mask point {k} {_short(point)} has a NaN, infinite, huge or non-number "
+                              "coordinate")
+        x, y = x / scale[0], y / scale[1]
+        if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
+            raise LayoutError(f"{where}: mask point {k} {_short(point)} lies outside the image ([0, 1] normalized)")
+        points.append((x, y))
+    twice_area = sum(xa * yb - xb * ya for (xa, ya), (xb, yb) in zip(points, points[1:] + points[:1]))
+    if twice_area == 0:
+        raise LayoutError(f"{where}: mask polygon spans no area (its points are in a line)")
+    return tuple(points)
+
+
+def _mask_path(value: str, where: str, base_dir: str | os.PathLike | None) -> str:
+    """A mask image path, resolved against `base_dir`: an image that reads in full."""
+    from gligen.files import open_image
+
+    path = _image_path(value, where, base_dir, "mask", "mask image")
+    try:
+        open_image(path)
+    except UserError as error:
+        raise LayoutError(f"{where}: mask image {error}") from None
+    return path
 
 
 def _box_of(keypoints: Keypoints, where: str) -> Box:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import diffusers
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
@@ -61,6 +62,8 @@ from gligen.files import open_image, write_json
 from gligen.grounding import GroundingInputs, add_style, encode_images, pad_entities, scatter_embeds
 from gligen.keypoints import ignored_keypoints, keypoint_tensors
 from gligen.layout import MAX_ENTITIES, Layout
+from gligen.masks import (DEFAULT_FEATHER, MaskLike, as_mask, composite, feather_weights, fit_image, fit_mask,
+                          latent_keep_mask, union_mask)
 from gligen.plms import PLMSScheduler
 from gligen.maps import DEFAULT_SCHEDULES, LABEL_TYPES
 from gligen.maps.encode import load_map
@@ -107,13 +110,21 @@ class GligenPipelineOutput(BaseOutput):
 
 @dataclass
 class Inpainting:
-    """What grounded inpainting adds to each step.
+    """What grounded inpainting adds to each step, and to the decoded image.
 
-    latents (B,4,h,w): the encoded input image; mask (B,1,h,w): 0 inside the boxes to repaint, 1 elsewhere.
+    latents (B,4,h,w): the encoded input image; mask (B,1,h,w): 0 in the cells to repaint, 1 elsewhere.
+    With keep_outside: original (B,3,H,W), the input image in [-1, 1], and weights (B,1,H,W), the share of the
+    generated image in the output (`gligen.masks.feather_weights`).
     """
 
     latents: torch.Tensor
     mask: torch.Tensor
+    original: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+
+    def composite(self, image: torch.Tensor) -> torch.Tensor:
+        """The decoded image (B,3,H,W) laid over the input where `weights` say (float32); as it is without them."""
+        return image if self.weights is None else composite(image, self.original, self.weights)
 
     def condition(self, copies: int) -> torch.Tensor:
         """The extra UNet input channels [masked image latent, mask], repeated `copies` times: (copies*B,5,h,w)."""
@@ -156,6 +167,7 @@ class _Group:
     prompt_embeds: PromptEmbeds | None
     negative_prompt_embeds: PromptEmbeds | None
     inpaint_images: list[Image.Image] | None
+    inpaint_masks: list[MaskLike] | None
     control_images: list | None
 
 
@@ -447,6 +459,9 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
         guidance_scale: float = 7.5,
         schedule: Schedule | None = None,
         inpaint_image: Image.Image | Sequence[Image.Image] | None = None,
+        inpaint_mask: MaskLike | Sequence[MaskLike] | None = None,
+        keep_outside: bool = False,
+        feather: int = DEFAULT_FEATHER,
         output_type: str = "pil",
         max_entities: int = MAX_ENTITIES,
         eta: float = 0.0,
@@ -477,6 +492,12 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
         repainted inside the entity boxes: an inpainting UNet (9 input channels) also sees the masked
         image; any other UNet repaints by latent blending alone (outside the boxes the latents are the
         image's, noised to each step, as in Blended Latent Diffusion).
+        The region repainted is the union of the entities' masks (`Entity.mask`; boxes where an entity has
+        none), or `inpaint_mask` (one, or one per layout: a PIL image, light = repaint, or an (H, W) bool
+        array or tensor, True = repaint; fitted to the layout as the image is) when given; every latent cell
+        holding a pixel of it is repainted. `keep_outside` lays the decoded image over the input: pixels
+        farther than `feather` pixels from the region are the input's exactly, a linear ramp leads to the
+        generated ones inside it (`gligen.masks`).
         `max_entities` is both the most entities kept per layout (the largest, with a warning)
         and the number of grounding slots (the released models were trained with 30). An entity's
         `image` (text-image-box) is a path or a PIL image; an entity with an image and an empty
@@ -499,6 +520,7 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
         if unknown:
             raise UserError(f"callback tensor inputs must be among {self._callback_tensor_inputs}, got {sorted(unknown)}")
         images = self._per_layout(inpaint_image, len(layouts), "images to inpaint")
+        masks = self._inpaint_masks(inpaint_mask, len(layouts), images is not None, keep_outside, feather, output_type)
         controls = self._control_images(control_image, len(layouts))
         self.validate(layouts, inpainting=images is not None)
         layouts = [layout.keep_largest(max_entities) for layout in layouts]
@@ -527,10 +549,10 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
                 None if latents is None else latents[group],
                 None if prompts is None else prompts.rows(by_layout),
                 None if negatives is None else negatives.rows(by_layout),
-                rows(images, by_layout), rows(controls, by_layout),
+                rows(images, by_layout), rows(masks, by_layout), rows(controls, by_layout),
             )
             results = self._generate(batch, num_inference_steps, guidance_scale, schedule, output_type, max_entities,
-                                     eta, clip_skip, cross_attention_kwargs, ip_embeds,
+                                     eta, clip_skip, cross_attention_kwargs, ip_embeds, (keep_outside, feather),
                                      (controlnet_conditioning_scale, control_guidance_start, control_guidance_end),
                                      callback_on_step_end, callback_on_step_end_tensor_inputs, progress)
             for i, result in zip(group, results):
@@ -574,7 +596,8 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
             warnings.warn(message, stacklevel=4)
 
     def _generate(self, batch: _Group, num_steps, guidance_scale, schedule, output_type, slots, eta, clip_skip,
-                  cross_attention_kwargs, ip_embeds, control_settings, callback, callback_inputs, progress) -> list:
+                  cross_attention_kwargs, ip_embeds, outside_settings, control_settings, callback, callback_inputs,
+                  progress) -> list:
         """Generate one batch of same-size images (see `__call__`)."""
         layouts, device = batch.layouts, self._execution_device
         guided = guidance_scale > 1.0
@@ -602,7 +625,8 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
             randn_tensor(shape, generator=batch.generator, device=device, dtype=self.unet.dtype)
         latents = latents * self.scheduler.init_noise_sigma
         row_generators = batch.generator if isinstance(batch.generator, list) else [batch.generator] * len(layouts)
-        inpainting = self.prepare_inpainting(layouts, batch.inpaint_images, row_generators)
+        inpainting = self.prepare_inpainting(layouts, batch.inpaint_images, row_generators, batch.inpaint_masks,
+                                             *outside_settings)
         control = self._prepare_control(batch.control_images, layouts, guided, *control_settings)
         step_kwargs = self._step_kwargs(batch.generator, eta)
         extra_kwargs = dict(cross_attention_kwargs or {})
@@ -648,6 +672,8 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
             keep_sdxl_vae_in_fp32(self.vae, torch.float16)
         latents = (latents / self.vae.config.scaling_factor).to(self.vae.dtype)
         image = self.vae.decode(latents, return_dict=False)[0]
+        if inpainting is not None:
+            image = inpainting.composite(image)
         return list(self.vae_processor.postprocess(image, output_type=output_type))
 
     def encode_prompts(self, layouts: Sequence[Layout], guided: bool, clip_skip: int | None = None,
@@ -742,17 +768,28 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
             embeds[b, n], masks[b, n] = embed, 1
         return embeds, masks
 
-    def prepare_inpainting(self, layouts, images, generators) -> Inpainting | None:
-        """Encode the images to repaint (one sample each from its generator) and their box masks."""
+    def prepare_inpainting(self, layouts, images, generators, masks=None, keep_outside: bool = False,
+                           feather: int = DEFAULT_FEATHER) -> Inpainting | None:
+        """Encode the images to repaint (one sample each from its generator) and the cells to repaint: the
+        layouts' entity masks and boxes, or the given `masks` (one per layout); with `keep_outside`, the
+        input pixels and the weights of the composite."""
         if images is None:
             return None
         height, width = layouts[0].height, layouts[0].width
         device = self._execution_device
-        pixels = self.vae_processor.preprocess([_fit(image, width, height) for image in images], height, width)
+        pixels = self.vae_processor.preprocess([fit_image(image, width, height) for image in images], height, width)
         posterior = self.vae.encode(pixels.to(device, self.vae.dtype)).latent_dist
         latents = posterior.sample(generator=generators) * self.vae.config.scaling_factor
-        masks = torch.stack([box_mask(layout.boxes, latents.shape[2:]) for layout in layouts])
-        return Inpainting(latents.to(self.unet.dtype), masks[:, None].to(device, self.unet.dtype))
+        given = [None if m is None else fit_mask(as_mask(m), width, height) for m in masks or [None] * len(layouts)]
+        keep = torch.stack([latent_keep_mask(layout, mask, latents.shape[2:], self.vae_scale_factor)
+                            for layout, mask in zip(layouts, given)])
+        inpainting = Inpainting(latents.to(self.unet.dtype), keep[:, None].to(device, self.unet.dtype))
+        if keep_outside:
+            regions = [union_mask(layout.entities, width, height) if mask is None else mask
+                       for layout, mask in zip(layouts, given)]
+            inpainting.original = pixels.to(device, torch.float32)
+            inpainting.weights = torch.stack([feather_weights(region, feather) for region in regions])[:, None].to(device)
+        return inpainting
 
     def _prepare_control(self, images, layouts, guided: bool, scale, start: float, end: float) -> Control | None:
         """ControlNet inputs as diffusers' ControlNet pipelines prepare them: [0,1] pixels, twice when guided."""
@@ -831,6 +868,25 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
         return generator
 
     @staticmethod
+    def _inpaint_masks(masks, count: int, inpainting: bool, keep_outside: bool, feather: int, output_type: str
+                       ) -> list | None:
+        """The free-form masks per layout (None: the layouts' own), checked with the other inpainting options."""
+        if not inpainting and (masks is not None or keep_outside):
+            raise UserError("an inpainting mask and keep_outside need an image to repaint (inpaint_image)")
+        if keep_outside and output_type == "latent":
+            raise UserError("keep_outside lays decoded images over the input; it does not apply to latents")
+        if not (isinstance(feather, int) and feather >= 0):
+            raise UserError(f"feather must be a whole number of pixels >= 0, got {feather!r}")
+        if masks is None:
+            return None
+        if isinstance(masks, (Image.Image, np.ndarray, torch.Tensor)):
+            return [masks] * count
+        masks = list(masks)
+        if len(masks) != count:
+            raise UserError(f"got {len(masks)} inpainting masks for {count} layouts")
+        return masks
+
+    @staticmethod
     def _per_layout(images, count: int, what: str) -> list | None:
         if images is None or isinstance(images, Image.Image):
             return None if images is None else [images] * count
@@ -859,25 +915,6 @@ def randn_like(x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.
     """
     rows = [torch.empty_like(x[i:i + 1], device="cpu").normal_(generator=g) for i, g in enumerate(generators)]
     return torch.cat(rows).to(x.device)
-
-
-def box_mask(boxes: Sequence[Sequence[float]], size: Sequence[int]) -> torch.Tensor:
-    """(h, w) mask: 0 inside the normalized xyxy boxes (cells truncated as diffusers' GLIGEN does), 1 elsewhere."""
-    height, width = size
-    mask = torch.ones(height, width)
-    for x0, y0, x1, y1 in boxes:
-        mask[int(y0 * height):int(y1 * height), int(x0 * width):int(x1 * width)] = 0
-    return mask
-
-
-def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Centre-crop `image` to the aspect ratio width:height and resize it (LANCZOS), as diffusers' GLIGEN does."""
-    if image.size == (width, height):
-        return image
-    w, h = image.size
-    crop_w, crop_h = min(w, h * width / height), min(h, w * height / width)
-    box = ((w - crop_w) / 2, (h - crop_h) / 2, (w + crop_w) / 2, (h + crop_h) / 2)
-    return image.crop(box).resize((width, height), Image.LANCZOS)
 
 
 def _image(image: str | Image.Image) -> Image.Image:

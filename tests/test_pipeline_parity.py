@@ -19,7 +19,8 @@ from transformers import CLIPProcessor
 from gligen.adapter import GroundingAdapter
 from gligen.errors import UserError
 from gligen.layout import Entity, Layout
-from gligen.pipeline import GligenPipeline, box_mask
+from gligen.masks import box_mask
+from gligen.pipeline import GligenPipeline
 from tests.tiny import HIDDEN, randomize_grounding, save_tiny_gligen, tiny_components, tiny_image_encoder, tiny_unet
 
 SIZE = 16  # pixels; the tiny VAE's sample_size, which diffusers resizes inpainting images to

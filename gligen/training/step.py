@@ -24,7 +24,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from gligen.grounding import GroundingInputs, add_style, encode_images, scatter_embeds
 from gligen.keypoints import keypoint_tensors
-from gligen.pipeline import box_mask
+from gligen.masks import box_mask
 from gligen.prompts import PromptEmbeds, time_ids
 from gligen.training.batch import TrainingBatch
 
