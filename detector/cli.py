@@ -166,13 +166,15 @@ def run_segment(args: argparse.Namespace) -> None:
     from gligen.errors import progress
     from gligen.files import open_image
 
+    for k, phrase in enumerate(args.phrases):  # before anything loads
+        require(bool(phrase.strip()), f"--phrases: phrase {k} is empty")
     images = [open_image(path) for path in args.images]
     device, dtype = parse_device(args.device), parse_dtype(args.dtype)
     segmenter = Segmenter.from_pretrained(args.segmenter, device, dtype) if args.segmenter else None
+    detector = load_from_args(args)
     if segmenter is None:
         print("note: no --segmenter: the masks are the detected boxes (SAM masks: e.g. --segmenter "
               "facebook/sam-vit-base)", file=sys.stderr)
-    detector = load_from_args(args)
     names = _unique_stems(args.images)
     done = 0
     with progress(lambda: f"{done} of {len(images)} images written to {args.out}"), \
