@@ -150,7 +150,7 @@ def test_segmenter_shapes_and_batching(segmenter):
     masks = segmenter.segment(IMAGES, BOXES, batch_size=3)
     assert [m.shape for m in masks] == [(3, 50, 90), (0, 40, 30), (1, 64, 64), (2, 33, 70)]
     assert all(m.dtype == torch.bool and m.device.type == "cpu" for m in masks)
-    assert 0.05 < torch.cat([m.flatten() for m in masks]).float().mean() < 0.999  # decided masks, not all one value
+    assert 0.05 < torch.cat([m.flatten() for m in masks]).float().mean() < 0.999  # masks, not one value everywhere
     # batches (padded to the most boxes) give what one image at a time gives; different batch shapes may
     # round differently in the last bit, which can flip a pixel whose logit is within that of 0
     for image, boxes, batched in zip(IMAGES, BOXES, masks):

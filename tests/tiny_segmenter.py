@@ -22,7 +22,8 @@ def tiny_sam(seed: int = 0, image_size: int = 64, patch_size: int = 8) -> SamMod
     transformers draws SAM's layers with tiny weights (the released ones replace them), which
     gives mask logits of about 1e-6: thresholding them at 0 would be a coin toss of rounding.
     Here the layers get PyTorch's default initialisation and the mask hypernetworks' last
-    layers are scaled up, so that logits are of order one and the masks are decided blobs.
+    layers are scaled up, so that logits are of order one. The masks are random, not meaningful:
+    one mask per box mostly covers the whole image, the three-mask output is more varied.
     """
     torch.manual_seed(seed)
     config = SamConfig(
