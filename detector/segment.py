@@ -16,13 +16,12 @@ by the processor's `post_process_masks`, as transformers does, and thresholded a
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from PIL import Image
 
-from detector.model import first_line
+from detector.model import first_line, load_config
 from gligen.errors import UserError, require
 
 # config.model_type -> (model class, processor class) in transformers
@@ -47,7 +46,7 @@ class Segmenter:
         """
         import transformers
 
-        model_type = _model_type(name_or_path)
+        model_type = load_config(name_or_path, FAMILIES, "SAM").model_type
         model_name, processor_name = FAMILIES[model_type]
         if not hasattr(transformers, model_name):
             raise UserError(f"{name_or_path}: a {model_type} checkpoint needs transformers with {model_name} "
@@ -130,22 +129,3 @@ def _pixel_boxes(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(K, 4) normalized xyxy -> (K, 4) pixel xyxy in float64, on the cpu."""
     width, height = size
     return boxes.double().cpu() * torch.tensor([width, height, width, height], dtype=torch.float64)
-
-
-def _model_type(name_or_path: str) -> str:
-    """The checkpoint's model_type, one of FAMILIES, or a UserError naming what `name_or_path` is instead."""
-    from transformers import AutoConfig
-
-    local = Path(name_or_path)
-    if local.is_file():
-        raise UserError(f"{name_or_path}: is a file, not a SAM checkpoint directory")
-    if local.is_dir() and not (local / "config.json").is_file():
-        raise UserError(f"{name_or_path}: has no config.json, so it is no SAM checkpoint directory")
-    try:
-        config = AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as error:
-        raise UserError(f"{name_or_path}: cannot load a SAM checkpoint ({first_line(error)})") from error
-    if config.model_type not in FAMILIES:
-        raise UserError(f"{name_or_path}: model_type {config.model_type!r} is no SAM checkpoint "
-                        f"(expected one of {sorted(FAMILIES)})")
-    return config.model_type
