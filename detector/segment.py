@@ -52,8 +52,8 @@ class Segmenter:
             raise UserError(f"{name_or_path}: a {model_type} checkpoint needs transformers with {model_name} "
                             f"(installed: {transformers.__version__}); upgrade transformers")
         try:
+            processor = getattr(transformers, processor_name).from_pretrained(name_or_path)  # the cheaper to fail
             model = getattr(transformers, model_name).from_pretrained(name_or_path, dtype=dtype)
-            processor = getattr(transformers, processor_name).from_pretrained(name_or_path)
         except (OSError, ValueError, ImportError) as error:
             raise UserError(f"{name_or_path}: cannot load the segmenter ({first_line(error)})") from error
         return cls(model.to(device), processor, name_or_path)
@@ -107,7 +107,9 @@ class Segmenter:
         sizes = [inputs["original_sizes"][i].tolist()]
         # SAM crops its padding away by the resized input size; SAM 2 resizes without padding, so it has none
         padding = [[inputs["reshaped_input_sizes"][i].tolist()]] if "reshaped_input_sizes" in inputs else []
-        return self.processor.post_process_masks([logits], sizes, *padding)[0][:, 0].cpu()
+        # a few boxes at a time: K full-size float masks of a large photo would take gigabytes
+        return torch.cat([self.processor.post_process_masks([chunk], sizes, *padding)[0][:, 0].cpu()
+                          for chunk in logits.split(16)])
 
 
 def box_masks(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

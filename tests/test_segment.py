@@ -307,3 +307,18 @@ def test_cli_segment_errors(det_dir, sam_dir, tmp_path, capsys):
         assert code == 1, needle
         assert len(err) == 1 and err[0].startswith("detector: error: ") and needle in err[0], err
         assert not out.exists() or not any(out.iterdir()), needle
+
+
+def test_sam2_without_its_image_processor_is_one_line(tmp_path):
+    """SAM 2's image processor needs torchvision; where it is missing, loading says so in one line."""
+    import importlib.util
+
+    from transformers import Sam2Config
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: SAM 2's processor loads")
+    Sam2Config().save_pretrained(tmp_path)
+    (tmp_path / "processor_config.json").write_text(json.dumps(
+        {"processor_class": "Sam2Processor", "image_processor": {"image_processor_type": "Sam2ImageProcessor"}}))
+    with pytest.raises(UserError, match=f"{tmp_path}: cannot load the segmenter .*torchvision"):
+        Segmenter.from_pretrained(str(tmp_path))
