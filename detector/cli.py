@@ -193,11 +193,13 @@ def run_segment(args: argparse.Namespace) -> None:
 def write_segmentation(directory: Path, name: str, image, result, record: dict) -> None:
     """NAME.K.png (255 inside detection K's mask), NAME.overlay.png, then NAME.json (`record` + detections).
 
-    The JSON is written last, so that it only exists beside a complete set of pictures; mask
-    PNGs of an earlier run with more detections are removed.
+    The JSON of an earlier run goes first and the new one is written last, so that a JSON only
+    exists beside its complete set of pictures; mask PNGs of an earlier run with more detections
+    are removed.
     """
     from PIL import Image
 
+    (directory / f"{name}.json").unlink(missing_ok=True)
     masks = result.masks.numpy()
     for k, mask in enumerate(masks):
         save_image(directory / f"{name}.{k}.png", Image.fromarray(mask.astype("uint8") * 255))
