@@ -3,6 +3,7 @@
     detector detect IMAGE... --phrases "a cat" "a dog" [--model M] [--out result.json] [--overlay DIR]
     detector detect IMAGE... --exemplar REF.jpg:x0,y0,x1,y1 [--exemplar ...] --model OWLV2
     detector detect DIR_OR_SHARDS --phrases ... --out DIR     (accelerate launch: split across processes)
+    detector segment IMAGE... --phrases "a cat" --out DIR [--segmenter facebook/sam-vit-base]
     detector convert groundingdino_swint_ogc.pth --out grounding-dino-tiny/
 """
 
@@ -10,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
 from gligen.commands import Command, fraction, number, positive_int, run_commands
 from gligen.devices import DTYPES, parse_device, parse_dtype
-from gligen.draw import draw_boxes
+from gligen.draw import PALETTE, draw_boxes, draw_masks
 from gligen.errors import require
 from gligen.files import Output, OutputFile, save_image, write_json
 
@@ -58,10 +60,15 @@ def load_from_args(args: argparse.Namespace):
     return OpenSetDetector.from_pretrained(args.model, device=parse_device(args.device), dtype=parse_dtype(args.dtype))
 
 
-def _overlay_names(paths: Sequence[str]) -> list[str]:
-    """One PNG name per image: its stem, made unique by its position when stems repeat."""
+def _unique_stems(paths: Sequence[str]) -> list[str]:
+    """One output name per image: its stem, made unique by its position when stems repeat."""
     stems = [Path(p).stem for p in paths]
-    return [f"{s}.png" if stems.count(s) == 1 else f"{s}_{i}.png" for i, s in enumerate(stems)]
+    return [s if stems.count(s) == 1 else f"{s}_{i}" for i, s in enumerate(stems)]
+
+
+def _overlay_names(paths: Sequence[str]) -> list[str]:
+    """One overlay PNG name per image."""
+    return [f"{stem}.png" for stem in _unique_stems(paths)]
 
 
 def write_outputs(report: dict, out: str | None, overlay_dir: str | None, paths: Sequence[str], pictures) -> None:
@@ -151,6 +158,79 @@ def _detect_command(args: argparse.Namespace) -> None:
     run_detect(args)
 
 
+def run_segment(args: argparse.Namespace) -> None:
+    """`detector segment`: per image NAME.json (detections, RLE masks), NAME.K.png (mask K), NAME.overlay.png."""
+    from tqdm import tqdm
+
+    from detector.segment import Segmenter
+    from gligen.errors import progress
+    from gligen.files import open_image
+
+    for k, phrase in enumerate(args.phrases):  # before anything loads
+        require(bool(phrase.strip()), f"--phrases: phrase {k} is empty")
+    images = [open_image(path) for path in args.images]
+    device, dtype = parse_device(args.device), parse_dtype(args.dtype)
+    segmenter = Segmenter.from_pretrained(args.segmenter, device, dtype) if args.segmenter else None
+    detector = load_from_args(args)
+    if segmenter is None:
+        print("note: no --segmenter: the masks are the detected boxes (SAM masks: e.g. --segmenter "
+              "facebook/sam-vit-base)", file=sys.stderr)
+    names = _unique_stems(args.images)
+    done = 0
+    with progress(lambda: f"{done} of {len(images)} images written to {args.out}"), \
+            tqdm(total=len(images), desc="segmenting", unit="image") as bar:
+        for start in range(0, len(images), args.batch_size):
+            batch = images[start:start + args.batch_size]
+            results = detector.segment(batch, args.phrases, segmenter, box_threshold=args.box_threshold,
+                                       text_threshold=args.text_threshold, batch_size=args.batch_size)
+            for i, (image, result) in enumerate(zip(batch, results), start):
+                record = {"image": args.images[i], "model": args.model, "segmenter": args.segmenter or "boxes"}
+                write_segmentation(Path(args.out), names[i], image, result, record)
+                done += 1
+                bar.update()
+
+
+def write_segmentation(directory: Path, name: str, image, result, record: dict) -> None:
+    """NAME.K.png (255 inside detection K's mask), NAME.overlay.png, then NAME.json (`record` + detections).
+
+    The JSON of an earlier run goes first and the new one is written last, so that a JSON only
+    exists beside its complete set of pictures; mask PNGs of an earlier run with more detections
+    are removed.
+    """
+    from PIL import Image
+
+    (directory / f"{name}.json").unlink(missing_ok=True)
+    masks = result.masks.numpy()
+    for k, mask in enumerate(masks):
+        save_image(directory / f"{name}.{k}.png", Image.fromarray(mask.astype("uint8") * 255))
+    stale = len(masks)
+    while (directory / f"{name}.{stale}.png").is_file():
+        (directory / f"{name}.{stale}.png").unlink()
+        stale += 1
+    colors = [PALETTE[p % len(PALETTE)] for p in result.phrase_ids.tolist()]
+    labels = [f"{label} {score:.2f}" for label, score in zip(result.labels, result.scores.tolist())]
+    save_image(directory / f"{name}.overlay.png",
+               draw_boxes(draw_masks(image, masks, colors), result.boxes.tolist(), labels, colors=colors))
+    report = {**record, **result.to_dict()}
+    for k, detection in enumerate(report["detections"]):
+        detection["mask_file"] = f"{name}.{k}.png"
+    write_json(directory / f"{name}.json", report)
+
+
+def register_segment(subparsers) -> None:
+    p = subparsers.add_parser("segment")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--phrases", nargs="+", required=True, help="phrases to segment (each one argument)")
+    p.add_argument("--out", required=True, type=Output,
+                   help="directory for NAME.json, NAME.K.png (one mask per detection) and NAME.overlay.png")
+    p.add_argument("--segmenter", help="SAM or SAM 2 directory or hub id, e.g. facebook/sam-vit-base "
+                                       "(default: none, the detected boxes are the masks)")
+    add_model_args(p)
+    add_threshold_args(p)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")
+    p.set_defaults(func=run_segment)
+
+
 def run_convert(args: argparse.Namespace) -> None:
     from detector.model import convert_official
 
@@ -172,6 +252,7 @@ def register_convert(subparsers) -> None:
 
 COMMANDS = [
     Command("detect", "detect phrases in images; JSON out, optional overlays", "detector.cli:register_detect"),
+    Command("segment", "detect phrases and mask them (SAM); masks as PNG and COCO RLE", "detector.cli:register_segment"),
     Command("verify", "check images against their layouts (IoU per entity)", "detector.verify:register"),
     Command("label", "layout of an image from its caption's noun phrases", "detector.label:register"),
     Command("train", "fine-tune a detector on COCO-format data", "detector.train:register"),

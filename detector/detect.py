@@ -19,8 +19,9 @@ are one query), each detection naming one of them; detections of one query go th
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from PIL import Image
@@ -29,6 +30,9 @@ from detector.box_ops import batched_nms
 from detector.detections import Detections
 from detector.exemplars import Exemplar, group_exemplars
 from gligen.errors import UserError, require
+
+if TYPE_CHECKING:
+    from detector.segment import Segmenter
 
 __all__ = ["Detections", "Exemplar", "OpenSetDetector"]
 
@@ -121,6 +125,29 @@ class OpenSetDetector:
             _merge(f, ph + [label for label, _ in gr], image.size, nms_iou)
             for f, ph, gr, image in zip(found, per_image, groups, images)
         ]
+
+    def segment(
+        self,
+        images: Image.Image | Sequence[Image.Image],
+        phrases: Sequence[str] | Sequence[Sequence[str]],
+        segmenter: Segmenter | None = None,
+        **detect_kwargs,
+    ) -> list[Detections]:
+        """Detect the phrases (`detect` and its keyword arguments), then mask every detection.
+
+        Masks come from `segmenter` (SAM prompted with the boxes, in batches of `batch_size`
+        images) or, without one, are the boxes themselves (`box_masks`); each `Detections`
+        carries them as `masks`, bool (K, H, W) in the image's pixels.
+        """
+        from detector.segment import box_masks
+
+        images = [images] if isinstance(images, Image.Image) else list(images)
+        found = self.detect(images, phrases, **detect_kwargs)
+        if segmenter is None:
+            masks = [box_masks(d.boxes, d.image_size) for d in found]
+        else:
+            masks = segmenter.segment(images, [d.boxes for d in found], batch_size=detect_kwargs.get("batch_size", 8))
+        return [dataclasses.replace(d, masks=m) for d, m in zip(found, masks)]
 
     def _detect(
         self,

@@ -1,13 +1,15 @@
 """`Detections`: what a detector found in one image, and its interchange formats.
 
-- `to_dict()`: this project's JSON (`detector detect --out`): phrases, normalized and pixel boxes.
+- `to_dict()`: this project's JSON (`detector detect --out`): phrases, normalized and pixel boxes,
+  and with masks (`detector segment`) each detection's mask as COCO RLE under "segmentation".
 - `to_pipeline()` / `Detections.from_pipeline(...)`: the list of dicts of transformers'
   `pipeline("zero-shot-object-detection")`, `{"score", "label", "box": {"xmin", "ymin", "xmax",
-  "ymax"}}` with boxes in pixels, best first. Boxes are written as floats (the pipeline rounds
+  "ymax"}}` with boxes in pixels, best first (masks are not part of it). Boxes are written as floats (the pipeline rounds
   them to ints; ints are read too). Pixels are computed in float64 from the float32 normalized
   boxes, so `Detections -> pipeline -> Detections` gives back the same tensors bit for bit.
 - `to_coco(image_id, category_ids)`: COCO results records `{"image_id", "category_id",
-  "bbox": [x, y, width, height], "score"}` in pixels, as `gligen eval score` and pycocotools read them.
+  "bbox": [x, y, width, height], "score"}` in pixels (and "segmentation" RLE with masks), as
+  `gligen eval score` and pycocotools read them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class Detections:
     phrase_ids: torch.Tensor  # (K,) int64 index into `phrases`
     phrases: list[str]  # what was asked for (phrases, then exemplar labels), in the caller's order
     image_size: tuple[int, int]  # (width, height) in pixels
+    masks: torch.Tensor | None = None  # (K, H, W) bool, cpu: one mask per detection (`OpenSetDetector.segment`)
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -42,18 +45,23 @@ class Detections:
     def labels(self) -> list[str]:
         return [self.phrases[i] for i in self.phrase_ids.tolist()]
 
+    def rle_masks(self) -> list[dict[str, Any]]:
+        """Each detection's mask as COCO compressed RLE (`detector.rle`); none without masks."""
+        from detector.rle import encode
+
+        return [] if self.masks is None else [encode(mask.numpy()) for mask in self.masks]
+
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "image_size": list(self.image_size),
-            "phrases": list(self.phrases),
-            "detections": [
-                {"phrase": self.phrases[p], "phrase_id": p, "score": round(s, 6),
-                 "box": [round(v, 6) for v in box], "pixel_box": [round(v, 2) for v in pixel]}
-                for p, s, box, pixel in zip(
-                    self.phrase_ids.tolist(), self.scores.tolist(), self.boxes.tolist(), self.pixel_boxes().tolist()
-                )
-            ],
-        }
+        detections = [
+            {"phrase": self.phrases[p], "phrase_id": p, "score": round(s, 6),
+             "box": [round(v, 6) for v in box], "pixel_box": [round(v, 2) for v in pixel]}
+            for p, s, box, pixel in zip(
+                self.phrase_ids.tolist(), self.scores.tolist(), self.boxes.tolist(), self.pixel_boxes().tolist()
+            )
+        ]
+        for detection, rle in zip(detections, self.rle_masks()):
+            detection["segmentation"] = rle
+        return {"image_size": list(self.image_size), "phrases": list(self.phrases), "detections": detections}
 
     def to_pipeline(self) -> list[dict[str, Any]]:
         """transformers' zero-shot-object-detection output: one dict per detection, best first."""
@@ -99,4 +107,6 @@ class Detections:
             category = category_ids[self.phrases[p]] if isinstance(category_ids, Mapping) else category_ids[p]
             records.append({"image_id": image_id, "category_id": int(category),
                             "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})
+        for record, rle in zip(records, self.rle_masks()):
+            record["segmentation"] = rle
         return records

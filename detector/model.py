@@ -51,23 +51,22 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def load_config(path_or_id: str, model_types: Mapping[str, object] = MODEL_CLASSES):
+def load_config(path_or_id: str, model_types: Mapping[str, object] = MODEL_CLASSES, what: str = "detector"):
     """The checkpoint's config; a `UserError` when `path_or_id` is no checkpoint of one of `model_types`
-    (default: the Grounding DINO family, which `load_detector` and `detector train` take)."""
+    (default: the Grounding DINO family, which `load_detector` and `detector train` take). `what` names
+    the kind of checkpoint in the messages ("detector", "SAM")."""
     local = Path(path_or_id)
     if local.is_file():
-        raise UserError(
-            f"{path_or_id}: is a file, not a detector checkpoint directory "
-            "(an official .pth checkpoint converts with `detector convert`)"
-        )
+        hint = " (an official .pth checkpoint converts with `detector convert`)" if what == "detector" else ""
+        raise UserError(f"{path_or_id}: is a file, not a {what} checkpoint directory{hint}")
     if local.is_dir() and not (local / "config.json").is_file():
-        raise UserError(f"{path_or_id}: has no config.json, so it is no detector checkpoint directory")
+        raise UserError(f"{path_or_id}: has no config.json, so it is no {what} checkpoint directory")
     try:
         config = AutoConfig.from_pretrained(path_or_id)
     except (OSError, ValueError) as error:
-        raise UserError(f"{path_or_id}: cannot load a detector checkpoint ({first_line(error)})") from error
+        raise UserError(f"{path_or_id}: cannot load a {what} checkpoint ({first_line(error)})") from error
     if config.model_type not in model_types:
-        kind = "Grounding DINO checkpoint" if model_types is MODEL_CLASSES else "detector this project runs"
+        kind = "Grounding DINO checkpoint" if model_types is MODEL_CLASSES else f"{what} checkpoint this project runs"
         raise UserError(
             f"{path_or_id}: model_type {config.model_type!r} is no {kind} (expected one of {sorted(model_types)})"
         )

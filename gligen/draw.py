@@ -1,10 +1,11 @@
-"""Pictures for people: labelled box overlays (with keypoint skeletons) and sample grids."""
+"""Pictures for people: labelled box overlays (with keypoint skeletons), tinted masks and sample grids."""
 
 from __future__ import annotations
 
 import math
 from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from gligen.pose import SKELETON, Keypoints
@@ -66,6 +67,27 @@ def _skeleton(draw: ImageDraw.ImageDraw, keypoints: Keypoints, w: int, h: int, c
         if point is not None:
             x, y = point
             draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=color, outline=(255, 255, 255))
+
+
+def draw_masks(
+    image: Image.Image,
+    masks: Sequence[np.ndarray] | np.ndarray,
+    colors: Sequence[tuple[int, int, int]] | None = None,
+    alpha: float = 0.5,
+) -> Image.Image:
+    """A copy of `image` (RGB) with mask i, an (H, W) bool array of the image's size, tinted in colour i.
+
+    Each mask's pixels become (1 - alpha) * pixel + alpha * colour, the masks in order (a later
+    one tints over an earlier one). Draw boxes and labels over it with `draw_boxes`.
+    """
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    for i, mask in enumerate(masks):
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != pixels.shape[:2]:
+            raise ValueError(f"mask {i} is {mask.shape[1]}x{mask.shape[0]}, the image {image.width}x{image.height}")
+        color = np.asarray((colors or PALETTE)[i % len(colors or PALETTE)], dtype=np.float32)
+        pixels[mask] = (1 - alpha) * pixels[mask] + alpha * color
+    return Image.fromarray(np.round(pixels).astype(np.uint8))
 
 
 def draw_layout(image: Image.Image, layout: Layout) -> Image.Image:
