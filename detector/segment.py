@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
 from detector.model import first_line, load_config
 from gligen.errors import UserError, require
+from gligen.masks import box_pixels
 
 # config.model_type -> (model class, processor class) in transformers
 FAMILIES = {"sam": ("SamModel", "SamProcessor"), "sam2": ("Sam2Model", "Sam2Processor")}
@@ -115,16 +117,12 @@ class Segmenter:
 def box_masks(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(K, 4) normalized xyxy boxes on an image of `size` (width, height) -> bool (K, H, W), True inside each box.
 
-    A pixel is inside when it overlaps the box by a positive area, so the mask covers the whole
-    box (as a region to repaint should) and a box smaller than a pixel still marks that pixel.
+    A pixel is inside when it overlaps the box by a positive area (`gligen.masks.box_pixels`), so the mask
+    covers the whole box (as a region to repaint should) and a box smaller than a pixel still marks that pixel.
     """
     width, height = size
-    scaled = _pixel_boxes(boxes, size)
-    columns = torch.arange(width, dtype=torch.float64)
-    rows = torch.arange(height, dtype=torch.float64)
-    inside_x = (columns + 1 > scaled[:, 0, None]) & (columns < scaled[:, 2, None])  # (K, W)
-    inside_y = (rows + 1 > scaled[:, 1, None]) & (rows < scaled[:, 3, None])  # (K, H)
-    return inside_y[:, :, None] & inside_x[:, None, :]
+    masks = [box_pixels(box, width, height) for box in boxes.double().tolist()]
+    return torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, height, width, dtype=torch.bool)
 
 
 def _pixel_boxes(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -338,10 +338,8 @@ def step_record(step: Step) -> dict[str, Any]:
     return record
 
 
-def mask_record(mask: np.ndarray) -> dict[str, Any] | str:
-    """A mask as COCO compressed RLE (`detector.rle`); "box" where that module is not installed (the mask is a box)."""
-    try:
-        from detector.rle import encode
-    except ImportError:
-        return "box"
+def mask_record(mask: np.ndarray) -> dict[str, Any]:
+    """A mask as COCO compressed RLE (`detector.rle`)."""
+    from detector.rle import encode
+
     return encode(mask)
