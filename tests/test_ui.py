@@ -252,6 +252,34 @@ def test_two_sessions_at_once(browser, server):
         page.context.close()
 
 
+def test_edit_a_photo_by_phrase(page, tmp_path):
+    """Replace what the bundled detector finds in the shapes scene; outside its box (grown by the feather) the
+    photo is kept exactly."""
+    scene = ROOT / "examples" / "shapes_scene.png"
+    page.get_by_role("tab", name="Edit").click()
+    page.locator("#edit-photo input[type=file]").set_input_files(str(scene))
+    page.locator("#edit-phrase textarea").fill("a black star")
+    page.locator("#edit-with textarea").fill("a blue square")
+    page.locator("#edit-steps input").fill(STEPS)
+    page.locator("#edit").click()
+    page.wait_for_function("document.querySelector('#edit-result img')?.naturalWidth > 0", timeout=GENERATE_S * 1000)
+    assert page.evaluate("document.querySelector('#edit-mask img').naturalWidth") > 0  # the mask is shown
+    assert "Replaced 'a black star'" in page.inner_text("#edit-status")
+    record = json.loads(_download(page, "#edit-files a[download='edit.json']", tmp_path).read_text())
+    [edit] = record["edits"]
+    assert (edit["edit"], edit["phrase"], edit["with"], record["model"]) == ("replace", "a black star", "a blue square",
+                                                                              "demo")
+    with Image.open(scene) as photo, Image.open(_download(page, "#edit-files a[download='edit.png']", tmp_path)) as png:
+        before, after = np.asarray(photo.convert("RGB"), dtype=int), np.asarray(png.convert("RGB"), dtype=int)
+    assert after.shape == before.shape
+    changed_rows, changed_columns = np.nonzero(np.abs(after - before).max(axis=-1))
+    assert len(changed_rows) > 0
+    x0, y0, x1, y1 = np.array(edit["detections"][0]["box"]) * ([after.shape[1], after.shape[0]] * 2)
+    feather = record["settings"]["feather"]
+    assert changed_columns.min() >= np.floor(x0) - feather and changed_columns.max() < np.ceil(x1) + feather
+    assert changed_rows.min() >= np.floor(y0) - feather and changed_rows.max() < np.ceil(y1) + feather
+
+
 # ----------------------------------------------------------------------------- helpers
 
 

@@ -1,13 +1,16 @@
 """The page of `gligen ui`, built with Gradio on models loaded once (`Models`).
 
-The page is a set of tabs, each built by its own function from the same `Models`; today one,
-Generate: draw boxes on a canvas of the layout's shape (a phrase per box), set the prompt and
-the sampling, and Generate shows the image, its overlay and, with a detector, the per-entity
-verification. The layout goes out and comes in as the layout file `gligen generate` reads
-(same schema, same messages), or comes from a photo through the detector.
+The page is a set of tabs, each built by its own function from the same `Models`:
+- Generate: draw boxes on a canvas of the layout's shape (a phrase per box), set the prompt and
+  the sampling, and Generate shows the image, its overlay and, with a detector, the per-entity
+  verification. The layout goes out and comes in as the layout file `gligen generate` reads
+  (same schema, same messages), or comes from a photo through the detector.
+- Edit (with a detector): upload a photo, name what to replace and with what (or to remove), and
+  see the mask of what was found and the result, as `gligen edit` makes them.
 
 Generation goes through `gligen.generate.generate_jobs` with the options of `gligen generate`,
-so an image's JSON record is the one the command writes. Requests that use the models wait in
+and editing through `gligen.edit.Editor` with those of `gligen edit`, so an image's JSON record
+is the one the command writes. Requests that use the models wait in
 one queue (`MODEL_QUEUE`) and run one at a time; a failed request shows its message and the
 page keeps serving.
 """
@@ -41,8 +44,9 @@ MODEL_SCHEDULER = "the model's"
 JOB_NAME = "gligen"  # generated files: gligen.png, gligen.overlay.png, gligen.json
 VERIFICATION_COLUMNS = ["entity", "phrase", "IoU", "score", "found"]
 # small images (the demo's are 32x32) are shown enlarged, their pixels sharp
-CSS = ("#image img, #overlay img, #verification img {width: 100%; height: 100%; object-fit: contain; "
-       "image-rendering: pixelated}")
+CSS = ("#image img, #overlay img, #verification img, #edit-mask img, #edit-result img {width: 100%; height: 100%; "
+       "object-fit: contain; image-rendering: pixelated}")
+EDIT_NAME = "edit"  # edited files: edit.png, edit.overlay.png, edit.json
 
 
 @dataclass
@@ -96,7 +100,7 @@ def _theme() -> gr.themes.Base:
 
 
 def build_app(models: Models, workdir: Path) -> gr.Blocks:
-    """The page: a tab per job (Generate), each from its own builder."""
+    """The page: a tab per job (Generate, Edit), each from its own builder."""
     with gr.Blocks(title="gligen") as app:
         gr.Markdown(f"## gligen: draw boxes, name them, generate\nModel `{models.model}`"
                     + (f", adapter `{models.adapter}`" if models.adapter else "")
@@ -104,6 +108,8 @@ def build_app(models: Models, workdir: Path) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Generate", id="generate"):
                 generate_tab(models, workdir)
+            with gr.Tab("Edit", id="edit"):
+                edit_tab(models, workdir)
     return app
 
 
@@ -253,6 +259,83 @@ def generate_tab(models: Models, workdir: Path) -> None:
 
     find.click(_user_errors(find_layout), [photo, caption, phrases, width_box, height_box], page_fields,
                concurrency_id=MODEL_QUEUE, concurrency_limit=1)
+
+
+# ----------------------------------------------------------------------------- the Edit tab
+
+
+def edit_tab(models: Models, workdir: Path) -> None:
+    """A photo and what to change on the left; the mask of what was found and the result on the right."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            photo = gr.Image(label="Photo", type="pil", sources=["upload"], elem_id="edit-photo")
+            kind = gr.Radio(["replace", "remove"], value="replace", label="Edit", elem_id="edit-kind")
+            phrase = gr.Textbox(label="What to find (a phrase)", elem_id="edit-phrase")
+            new = gr.Textbox(label="Replace it with (a phrase)", elem_id="edit-with")
+            with gr.Row():
+                steps = gr.Number(50, label="Steps", precision=0, minimum=1, elem_id="edit-steps")
+                guidance = gr.Number(7.5, label="Guidance", elem_id="edit-guidance")
+                seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="edit-seed")
+            run = gr.Button("Edit", variant="primary", elem_id="edit", interactive=models.detector is not None)
+            if models.detector is None:
+                gr.Markdown("Editing finds things with a detector: start `gligen ui` with `--detector`.")
+        with gr.Column(scale=1):
+            status = gr.Markdown(elem_id="edit-status")
+            with gr.Row():
+                mask = gr.Image(label="Found: its mask and box", type="pil", format="png", interactive=False,
+                                height=256, elem_id="edit-mask")
+                result = gr.Image(label="Edited", type="pil", format="png", interactive=False, height=256,
+                                  elem_id="edit-result")
+            files = gr.File(label="Edited image and its JSON record", file_count="multiple", interactive=False,
+                            elem_id="edit-files")
+
+    def run_edit(photo_, kind_, phrase_, new_, steps_, guidance_, seed_, progress=gr.Progress(track_tqdm=True)):
+        require(photo_ is not None, "upload a photo first")
+        out = Path(tempfile.mkdtemp(dir=workdir))
+        start = time.perf_counter()
+        edited, steps_done, found_picture = edit_image(models, photo_, out, kind_, phrase_, new_, steps_, guidance_,
+                                                       seed_)
+        found = steps_done[0].found
+        scores = ", ".join(f"{instance.score:.2f}" for instance in found)
+        message = (f"{kind_.capitalize()}d {phrase_.strip()!r} (detection score {scores}) in "
+                   f"{time.perf_counter() - start:.1f} s; outside its mask the photo is kept")
+        return found_picture, edited, [str(out / f"{EDIT_NAME}.png"), str(out / f"{EDIT_NAME}.json")], message
+
+    run.click(_user_errors(run_edit), [photo, kind, phrase, new, steps, guidance, seed], [mask, result, files, status],
+              concurrency_id=MODEL_QUEUE, concurrency_limit=1)
+
+
+def edit_image(models: Models, photo: Image.Image, out: Path, kind: str, phrase: str, new: str, steps: int,
+               guidance: float, seed: int) -> tuple[Image.Image, list, Image.Image]:
+    """Edit `photo` as `gligen edit` would with these settings: the edited image, the edit's steps, and a picture
+    of what was found (its masks tinted, its boxes labelled). Writes edit.png, edit.overlay.png, edit.json."""
+    from gligen.draw import draw_boxes, draw_masks
+    from gligen.edit import OLD, Editor, canvas_size, register, write_outputs
+    from gligen.masks import fit_image
+
+    require(bool((phrase or "").strip()), "name what to find")
+    require(kind == "remove" or bool((new or "").strip()), "name what to replace it with")
+    source = out / "photo.png"
+    photo = photo.convert("RGB")
+    photo.save(source)
+    argv = ["edit", str(source), "--model", models.model, "--out", str(out), f"--{kind}", phrase,
+            *(["--with", new] if kind == "replace" else []), f"--steps={steps}", f"--guidance={guidance}",
+            f"--seed={seed}", "--detector", models.detector_name]
+    if models.adapter:
+        argv += ["--adapter", models.adapter]
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    models.pipeline.scheduler = models.scheduler
+    editor = Editor(models.pipeline, models.detector, None, args)
+    edited, steps_done = editor.apply(photo, args.edits)
+    write_outputs(out, EDIT_NAME, edited, steps_done, args, models.detector_name, editor.settings)
+    found = steps_done[0].found
+    fitted = fit_image(photo, *canvas_size(photo))
+    picture = draw_masks(fitted, [instance.mask for instance in found], colors=[OLD])
+    picture = draw_boxes(picture, [instance.box for instance in found],
+                         [f"{phrase.strip()} {instance.score:.2f}" for instance in found], colors=[OLD] * len(found))
+    return edited, steps_done, picture
 
 
 def generate_image(models: Models, layout: Layout, out: Path, steps: int, guidance: float, schedule: str,
