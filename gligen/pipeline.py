@@ -564,6 +564,8 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
         """Raise a UserError for what this pipeline cannot do with these layouts, before any work."""
         if self.inpaints and not inpainting:
             raise UserError("this model inpaints: give an image to repaint (--inpaint-image)")
+        if not inpainting and any(e.mask is not None for layout in layouts for e in layout.entities):
+            self._warn_once("entity masks are ignored: they choose what inpainting repaints (give --inpaint-image)")
         feature_type = self.adapter.config.feature_type if self.adapter is not None else None
         images = [e.image for layout in layouts for e in layout.entities if e.image is not None]
         images += [layout.style for layout in layouts if layout.style]

@@ -158,6 +158,10 @@ def test_inpaint_mask_replaces_the_entities_region(pipeline):
         pipeline(layout, num_inference_steps=1, keep_outside=True)
     with pytest.raises(UserError, match="2 inpainting masks for 1 layouts"):
         pipeline(layout, num_inference_steps=1, inpaint_image=picture(), inpaint_mask=[free, free])
+    masked = Layout.from_dict({**layout.to_dict(), "entities": [{"phrase": "a cat", "box": [0.1, 0.1, 0.5, 0.5],
+                                                                "mask": [[0.1, 0.1], [0.5, 0.1], [0.1, 0.5]]}]})
+    with pytest.warns(UserWarning, match="entity masks are ignored: they choose what inpainting repaints"):
+        pipeline(masked, num_inference_steps=1)
 
 
 def test_generate_cli_inpaint_mask_keep_outside_and_feather(gligen_dir, tmp_path, capsys):
