@@ -257,7 +257,11 @@ class Editor:
         if not len(detections):
             [seen] = self.detector.detect(image, [phrase], box_threshold=0.0, text_threshold=0.0)
             best = f"the best score seen is {seen.scores.max():.3f}" if len(seen) else "nothing was detected at all"
-            raise UserError(f"{where}: {phrase!r} not found ({best}, below the box threshold {self.box_threshold:g})")
+            needs = f"the box threshold {self.box_threshold:g}"
+            if self.detector.family == "Grounding DINO":  # its phrase tokens must also pass the text threshold
+                text = self.args.text_threshold
+                needs += f" and the text threshold {self.detector.default_text_threshold if text is None else text:g}"
+            raise UserError(f"{where}: {phrase!r} not found ({best}; an instance needs {needs})")
         keep = len(detections) if self.args.all else 1
         boxes, scores = detections.boxes[:keep], detections.scores[:keep]
         masks = self.masks(image, boxes)

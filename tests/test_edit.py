@@ -280,15 +280,15 @@ def test_a_phrase_not_found_is_one_line_and_writes_nothing(gligen_dir, detector_
     assert edit(gligen_dir, detector_dir, photo, out, "--remove", "a cat", "--box-threshold", "0.99") == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     best = float(detections(detector_dir, photo, "a cat").scores.max())
-    assert err == (f"gligen: error: edit 1 (--remove 'a cat'): 'a cat' not found (the best score seen is {best:.3f}, "
-                   "below the box threshold 0.99)")
+    assert err == (f"gligen: error: edit 1 (--remove 'a cat'): 'a cat' not found (the best score seen is {best:.3f}; "
+                   "an instance needs the box threshold 0.99 and the text threshold 0.25)")
     capsys.readouterr()
     # a later edit that fails leaves nothing either, although the first one was made
     assert edit(gligen_dir, detector_dir, photo, out, "--add", "a hat", "--box", "0,0,0.5,0.5",
                 "--remove", "a cat", "--box-threshold", "0.99") == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.fullmatch(r"gligen: error: edit 2 \(--remove 'a cat'\): 'a cat' not found \(the best score seen is "
-                        r"0\.\d{3}, below the box threshold 0\.99\)", err)
+                        r"0\.\d{3}; an instance needs the box threshold 0\.99 and the text threshold 0\.25\)", err)
     assert not out.exists() or not any(out.iterdir())
 
 
