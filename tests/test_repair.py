@@ -16,31 +16,16 @@ from PIL import Image
 
 from detector.detections import Detections
 from detector.verify import distinct_phrases, verify_batch
-from gligen.cli import main
 from gligen.generate import Candidate
 from gligen.layout import Layout
 from gligen.pipeline import GligenPipeline
 from gligen.repair import repair
+from tests.test_generate_cli import CAT, DOG, LAYOUT, gligen_cli
+from tests.test_generate_cli import write_jsonl as write_layouts
 from tests.tiny import save_tiny_gligen, tiny_components, tiny_unet
 
-STEPS = 2
-CAT = {"phrase": "a cat", "box": [0.1, 0.2, 0.5, 0.9]}
-DOG = {"phrase": "a dog", "box": [0.55, 0.25, 0.95, 0.8]}
-LAYOUT = {"prompt": "a cat and a dog", "width": 16, "height": 16, "seed": 3, "entities": [CAT, DOG]}
+STEPS = 2  # gligen_cli's --steps
 CALL = dict(num_inference_steps=STEPS, guidance_scale=7.5, schedule=None, max_entities=30, progress=False)
-
-
-def gligen_cli(*argv):
-    """Run `gligen generate ...` in this process; its exit status."""
-    try:
-        return main(["generate", "--device", "cpu", "--steps", str(STEPS), *map(str, argv)])
-    except SystemExit as usage_error:
-        return usage_error.code
-
-
-def write_layouts(path, *layouts):
-    path.write_text("".join(json.dumps(layout) + "\n" for layout in layouts))
-    return path
 
 
 @pytest.fixture(scope="module")
