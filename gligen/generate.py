@@ -7,8 +7,9 @@
 Layout NAME (its "name" key, else the layout file's stem, numbered when the file holds several)
 gives DIR/NAME.png, DIR/NAME.overlay.png (--overlay) and DIR/NAME.json: the layout as generated,
 its seed, the model, the adapter and the settings (and with --verify or --best-of the per-entity
-verification by the detector; with --repair the rounds of `gligen.repair`). Every layout is validated before anything is generated; layouts
-already done (NAME.png and NAME.json exist) are skipped, so a stopped run resumes.
+verification by the detector; with --repair the rounds of `gligen.repair`). Every layout is
+validated before anything is generated; layouts already done (NAME.png and NAME.json exist) are
+skipped, so a stopped run resumes.
 """
 
 from __future__ import annotations
