@@ -14,7 +14,9 @@ back:
   repair N           the plain image, then up to N repair rounds (`--repair N`): at most (N+1) x steps calls
 
 Prints, per method, the UNet calls per image (at most, and on average), the instance success rate, the
-image success rate (every entity passes) and the mean IoU; writes them to DIR/summary.json.
+image success rate (every entity passes) and the mean IoU, then the entities that only one of repair and
+best-of gets right (the pairs that decide between them); writes all to DIR/summary.json. A rerun with the
+same --out reuses the images already made (`gligen generate` resumes).
 """
 
 from __future__ import annotations
@@ -103,6 +105,11 @@ def main() -> None:
         early.append(early_best_of(a, args.steps))
         repair.append(outcome(entities, b["verification"]["success_rate"], b["verification"]["mean_iou"],
                               b["unet_calls"]))
+    only = {"repair only": 0, "best-of only": 0}  # entities passing with one method and failing with the other
+    for a, b in zip(drawn, repaired):
+        for by_best_of, by_repair in zip(a["verification"]["entities"], b["verification"]["entities"]):
+            if by_repair["success"] != by_best_of["success"]:
+                only["repair only" if by_repair["success"] else "best-of only"] += 1
     most = (args.repair + 1) * args.steps
     table = {
         "plain": summary(plain, args.steps),
@@ -111,13 +118,16 @@ def main() -> None:
         f"repair {args.repair}": summary(repair, most),
     }
     print(f"{args.layouts} shapes layouts, {table['plain']['entities']} entities, {args.steps} steps, guidance "
-          f"{args.guidance:g}, demo model and detector, IoU 0.5; {seconds:.0f} s")
+          f"{args.guidance:g}, demo model and detector, IoU 0.5; {seconds:.0f} s of generation")
     print(f"{'method':<24} {'UNet calls max':>14} {'mean':>7} {'instance SR':>12} {'image SR':>9} {'mIoU':>6}")
     for name, row in table.items():
         print(f"{name:<24} {row['unet_calls_at_most']:>14} {row['unet_calls_mean']:>7.1f} "
               f"{row['instance_success_rate']:>12.3f} {row['image_success_rate']:>9.3f} {row['mean_iou']:>6.3f}")
-    (root / "summary.json").write_text(json.dumps({"layouts": args.layouts, "repair": args.repair, "steps": args.steps, "guidance": args.guidance,
-                                                   "seconds": round(seconds), "methods": table}, indent=2))
+    print(f"entities passing with repair {args.repair} and failing with best-of {args.repair + 1}: "
+          f"{only['repair only']}; the reverse: {only['best-of only']}")
+    (root / "summary.json").write_text(json.dumps({
+        "layouts": args.layouts, "repair": args.repair, "steps": args.steps, "guidance": args.guidance,
+        "seconds": round(seconds), "methods": table, "entities_passing_with_one_method_only": only}, indent=2))
     print(f"wrote {root / 'summary.json'}")
 
 
