@@ -97,7 +97,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="generate N candidates per layout (seeds seed..seed+N-1), keep the best verified one")
     parser.add_argument("--repair", type=number(int, 0), default=0, metavar="N",
                         help="after generating (and --best-of's choice), repaint the boxes of the entities the detector "
-                        "does not find, verify again, up to N rounds; keep the best-verified image")
+                        "does not find (the rest kept as with --keep-outside), verify again, up to N rounds; keep the "
+                        "best-verified image")
     parser.add_argument("--repair-model", metavar="M", help="with --repair: the model that repaints (a base's "
                         "inpainting variant, given the adapter, or a GLIGEN inpainting pipeline; default: --model)")
     parser.add_argument("--detector", help="detector directory or hub id (Grounding DINO, OWLv2, Florence-2) for "
@@ -174,7 +175,7 @@ def generate_jobs(pipeline, jobs: Sequence[Job], args: argparse.Namespace, out: 
         "scheduler": type(pipeline.scheduler).__name__, "dtype": str(pipeline.dtype).removeprefix("torch."),
         "device": str(pipeline.device), "max_entities": args.max_entities, "image_encoder": args.image_encoder,
         "inpaint_image": args.inpaint_image, "inpaint_mask": args.inpaint_mask, "keep_outside": args.keep_outside,
-        "feather": args.feather if args.keep_outside else None, "attention": args.attention, "best_of": args.best_of,
+        "feather": args.feather if args.keep_outside or args.repair else None, "attention": args.attention, "best_of": args.best_of,
         "detector": detector_name, "iou_threshold": args.iou_threshold if detector_name else None,
         "repair": args.repair, "repair_model": args.repair_model,
     }

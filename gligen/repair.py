@@ -4,9 +4,10 @@ Round 0 is the image as generated (after --best-of's choice), checked by the det
 r = 1 .. N starts from the best image so far and repaints the boxes of its failed entities by grounded
 inpainting: the layout given to the painter holds only those entities, with the whole layout's prompt and
 size, and the seed of round 0 plus r (so every round draws new noise, and a rerun draws the same).
-Outside the repainted boxes the image is kept by the inpainting (latent blending, or the masked image of a
-9-channel inpainting UNet). The result is verified against the whole layout. Rounds stop early once the
-best image has no failed entity.
+The region repainted is those entities' masks, or their boxes where they have none; every pixel
+farther than --feather from it keeps the image's value exactly (`keep_outside`; the region itself is
+repainted by latent blending, or with the masked image by a 9-channel inpainting UNet). The result is
+verified against the whole layout. Rounds stop early once the best image has no failed entity.
 
 The image kept is the best of all rounds as --best-of ranks candidates (`gligen.generate.best`: instance
 success rate, then mean IoU, the earliest of equals), so it never scores below round 0.
@@ -68,7 +69,8 @@ def repair(painter, detector, candidates: Sequence[Candidate], rounds: int, call
     """Repair verified `candidates` (one per layout, all of one size) in up to `rounds` rounds (see the module).
 
     `painter` is the pipeline that repaints (the generating one, or a --repair-model); `call` the keyword
-    arguments of its calls (steps, guidance, schedule, ...); `detector` verifies every round's images.
+    arguments of its calls (steps, guidance, schedule, feather, ...: those of generation; the image, the region
+    and keep_outside are the repair's own); `detector` verifies every round's images.
     Returns one `Repair` per candidate; `Repair.rounds[Repair.kept].candidate` is the image to keep.
     """
     from detector.verify import verify_batch
@@ -84,7 +86,8 @@ def repair(painter, detector, candidates: Sequence[Candidate], rounds: int, call
         seeds = [r.rounds[0].seed + index for r in todo]
         layouts = [replace(start.layout, entities=tuple(start.layout.entities[i] for i in entities), seed=seed)
                    for start, entities, seed in zip(starts, failed, seeds)]
-        images, calls = paint(painter, layouts, {**call, "inpaint_image": [start.image for start in starts]})
+        repaint = {**call, "inpaint_image": [start.image for start in starts], "inpaint_mask": None, "keep_outside": True}
+        images, calls = paint(painter, layouts, repaint)
         checks = verify_batch(detector, images, [start.layout for start in starts], iou_threshold)
         for r, start, image, check, seed, entities, source in zip(todo, starts, images, checks, seeds, failed, sources):
             repainted = replace(start, image=image, verification=check, unet_calls=calls)

@@ -18,6 +18,7 @@ from detector.detections import Detections
 from detector.verify import distinct_phrases, verify_batch
 from gligen.generate import Candidate
 from gligen.layout import Layout
+from gligen.masks import DEFAULT_FEATHER, box_pixels, feather_weights
 from gligen.pipeline import GligenPipeline
 from gligen.repair import repair
 from tests.test_generate_cli import CAT, DOG, LAYOUT, gligen_cli
@@ -26,6 +27,7 @@ from tests.tiny import save_tiny_gligen, tiny_components, tiny_unet
 
 STEPS = 2  # gligen_cli's --steps
 CALL = dict(num_inference_steps=STEPS, guidance_scale=7.5, schedule=None, max_entities=30, progress=False)
+REPAINT = dict(CALL, keep_outside=True)  # a round's own settings on top of generation's
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,8 @@ def inpainting_bases(tmp_path_factory):
 
 def replay(record, painter, detector, generator_pipe, iou_threshold):
     """Each recorded round remade as `--repair` makes it: round 0 generated, round r the failed entities of its
-    source round repainted with its seed; each verified against the whole layout. -> [(image, Verification)]"""
+    source round repainted with its seed, the rest kept; each verified against the whole layout.
+    -> [(image, Verification)]"""
     layout = Layout.from_dict(record["layout"])
     rounds = []
     for entry in record["repair"]["rounds"]:
@@ -69,7 +72,7 @@ def replay(record, painter, detector, generator_pipe, iou_threshold):
         else:
             entities = tuple(layout.entities[i] for i in entry["repainted"])
             part = replace(layout, entities=entities, seed=entry["seed"])
-            [image] = painter(part, inpaint_image=rounds[entry["source"]][0], **CALL).images
+            [image] = painter(part, inpaint_image=rounds[entry["source"]][0], **REPAINT).images
         [check] = verify_batch(detector, [image], [layout], iou_threshold)
         rounds.append((image, check))
     return rounds
@@ -175,7 +178,7 @@ def test_a_repair_model_repaints_loaded_once(gligen_dir, detector_dir, detector,
         layout = Layout.from_dict(record["layout"])
         entry = record["repair"]["rounds"][1]
         part = replace(layout, entities=tuple(layout.entities[i] for i in entry["repainted"]), seed=entry["seed"])
-        [by_generator] = pipe(part, inpaint_image=remade[0][0], **CALL).images
+        [by_generator] = pipe(part, inpaint_image=remade[0][0], **REPAINT).images
         assert not np.array_equal(np.asarray(by_generator), np.asarray(remade[1][0]))
 
 
@@ -227,8 +230,14 @@ def test_rounds_stop_once_every_entity_passes(pipe):
     assert result.rounds[1].repainted == (1,) and result.rounds[1].seed == layout.seed + 1
     assert result.kept == 1 and result.failed == () and result.unet_calls == STEPS
     [expected] = pipe(replace(layout, entities=layout.entities[1:], seed=layout.seed + 1), inpaint_image=start.image,
-                      **CALL).images
-    assert np.array_equal(np.asarray(result.rounds[1].candidate.image), np.asarray(expected))
+                      **REPAINT).images
+    repainted = np.asarray(result.rounds[1].candidate.image)
+    assert np.array_equal(repainted, np.asarray(expected))
+    # every pixel farther than the feather from the dog's box is the first image's, exactly
+    outside = feather_weights(box_pixels(DOG["box"], layout.width, layout.height), DEFAULT_FEATHER).numpy() == 0
+    assert 0 < outside.sum() < outside.size
+    assert np.array_equal(repainted[outside], np.asarray(start.image)[outside])
+    assert not np.array_equal(repainted[~outside], np.asarray(start.image)[~outside])
 
 
 def test_a_worse_round_is_not_kept_and_the_next_repaints_the_best(pipe):
