@@ -15,7 +15,8 @@ back:
 
 Prints, per method, the UNet calls per image (at most, and on average), the instance success rate, the
 image success rate (every entity passes) and the mean IoU, then the entities that only one of repair and
-best-of gets right (the pairs that decide between them); writes all to DIR/summary.json. A rerun with the
+best-of gets right (the pairs that decide between them) and what became of passing entities beside a
+repaint (a round leaves them alone); writes all to DIR/summary.json. A rerun with the
 same --out reuses the images already made (`gligen generate` resumes).
 """
 
@@ -110,6 +111,13 @@ def main() -> None:
         for by_best_of, by_repair in zip(a["verification"]["entities"], b["verification"]["entities"]):
             if by_repair["success"] != by_best_of["success"]:
                 only["repair only" if by_repair["success"] else "best-of only"] += 1
+    beside = {"kept": 0, "lost": 0}  # entities passing before a round that left them alone, and after it
+    for b in repaired:
+        rounds = b["repair"]["rounds"]
+        for entry in rounds[1:]:
+            for i, before in enumerate(rounds[entry["source"]]["entities"]):
+                if before["success"] and i not in entry["repainted"]:
+                    beside["kept" if entry["entities"][i]["success"] else "lost"] += 1
     most = (args.repair + 1) * args.steps
     table = {
         "plain": summary(plain, args.steps),
@@ -125,9 +133,11 @@ def main() -> None:
               f"{row['instance_success_rate']:>12.3f} {row['image_success_rate']:>9.3f} {row['mean_iou']:>6.3f}")
     print(f"entities passing with repair {args.repair} and failing with best-of {args.repair + 1}: "
           f"{only['repair only']}; the reverse: {only['best-of only']}")
+    print(f"passing entities beside a repaint: {beside['kept']} still pass after it, {beside['lost']} fail")
     (root / "summary.json").write_text(json.dumps({
         "layouts": args.layouts, "repair": args.repair, "steps": args.steps, "guidance": args.guidance,
-        "seconds": round(seconds), "methods": table, "entities_passing_with_one_method_only": only}, indent=2))
+        "seconds": round(seconds), "methods": table, "entities_passing_with_one_method_only": only,
+        "passing_entities_beside_a_repaint": beside}, indent=2))
     print(f"wrote {root / 'summary.json'}")
 
 
