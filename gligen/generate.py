@@ -2,12 +2,14 @@
 
     gligen generate --model M [--adapter A] --layout layouts.jsonl --out DIR [--overlay] [--verify]
     gligen generate --model M --layout-from photo.jpg [--caption "a cat on a sofa"] --out DIR
+    gligen generate --model M --layout layouts.jsonl --out DIR --repair 3 [--repair-model M2]
 
 Layout NAME (its "name" key, else the layout file's stem, numbered when the file holds several)
 gives DIR/NAME.png, DIR/NAME.overlay.png (--overlay) and DIR/NAME.json: the layout as generated,
 its seed, the model, the adapter and the settings (and with --verify or --best-of the per-entity
-verification by the detector). Every layout is validated before anything is generated; layouts
-already done (NAME.png and NAME.json exist) are skipped, so a stopped run resumes.
+verification by the detector; with --repair the rounds of `gligen.repair`). Every layout is
+validated before anything is generated; layouts already done (NAME.png and NAME.json exist) are
+skipped, so a stopped run resumes.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from gligen.bundled import DEMO
 from gligen.commands import fraction, number, positive_int, seed
 from gligen.devices import DTYPES, parse_device, parse_dtype, suit_threads
 from gligen.draw import draw_layout
-from gligen.errors import progress, require
+from gligen.errors import UserError, progress, require
 from gligen.files import Output, open_image, save_image, write_json
 from gligen.layout import MAX_ENTITIES, MAX_SIDE, SEED_MAX, Entity, Layout, load_layouts
 from gligen.masks import DEFAULT_FEATHER, read_mask
@@ -93,8 +95,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--verify", action="store_true", help="check each image against its layout with the detector")
     parser.add_argument("--best-of", type=positive_int, default=1, metavar="N",
                         help="generate N candidates per layout (seeds seed..seed+N-1), keep the best verified one")
+    parser.add_argument("--repair", type=number(int, 0), default=0, metavar="N",
+                        help="after generating (and --best-of's choice), repaint the boxes of the entities the detector "
+                        "does not find (the rest kept as with --keep-outside), verify again, up to N rounds; keep the "
+                        "best-verified image")
+    parser.add_argument("--repair-model", metavar="M", help="with --repair: the model that repaints (a base's "
+                        "inpainting variant, given the adapter, or a GLIGEN inpainting pipeline; default: --model)")
     parser.add_argument("--detector", help="detector directory or hub id (Grounding DINO, OWLv2, Florence-2) for "
-                        "--verify/--best-of/--layout-from (default: the bundled one with --model demo, "
+                        "--verify/--best-of/--repair/--layout-from (default: the bundled one with --model demo, "
                         "else Grounding DINO-T)")
     parser.add_argument("--iou-threshold", type=number(float, 0, 1, low_open=True), default=0.5,
                         help="IoU for an entity to pass verification")
@@ -107,7 +115,7 @@ def run(args: argparse.Namespace) -> None:
     jobs = None if args.layout_from else _jobs(args.layout, args.max_side)  # before torch is even imported
     if jobs is not None:
         for job in jobs:
-            _check_seeds(_prepared(job.layout, args), args.best_of, job.name)
+            _check_seeds(_prepared(job.layout, args), args, job.name)
     inpaint_image = open_image(args.inpaint_image) if args.inpaint_image else None
     inpaint_mask = read_mask(args.inpaint_mask) if args.inpaint_mask else None
     from gligen.maps.encode import read_map
@@ -116,7 +124,7 @@ def run(args: argparse.Namespace) -> None:
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"))
     detector_name = _detector_name(args)
-    detector = _detector(detector_name, device) if detector_name else None
+    detector = _detector(args, detector_name, device) if detector_name else None
     if jobs is None:
         jobs = _layout_from_image(args, detector)
     jobs = [Job(job.name, _prepared(job.layout, args)) for job in jobs]
@@ -139,21 +147,27 @@ def run(args: argparse.Namespace) -> None:
     )
     suit_threads(pipeline.unet, device)
     pipeline.validate([job.layout for job in todo], inpainting=inpaint_image is not None)
+    painter = _repair_model(args, pipeline, device, dtype) if args.repair_model else pipeline
+    if args.repair:
+        painter.validate([job.layout for job in todo], inpainting=True)
     if args.compile:
         pipeline.compile()
+        if painter is not pipeline:
+            painter.compile()
     generate_jobs(pipeline, todo, args, out, detector, detector_name, inpaint_image, already_done=len(jobs) - len(todo),
-                  inpaint_mask=inpaint_mask)
+                  inpaint_mask=inpaint_mask, painter=painter)
 
 
 def generate_jobs(pipeline, jobs: Sequence[Job], args: argparse.Namespace, out: Path, detector=None,
                   detector_name: str | None = None, inpaint_image: Image.Image | None = None,
-                  step_bar: bool = False, already_done: int = 0, inpaint_mask=None) -> list[Candidate]:
+                  step_bar: bool = False, already_done: int = 0, inpaint_mask=None, painter=None) -> list[Candidate]:
     """Generate prepared `jobs` with a loaded pipeline (and detector) as `args` say; write their files into `out`.
 
     `args` holds this command's options (its parser's defaults for those not given); `step_bar`
     adds a bar over the denoising steps of each batch; `already_done` layouts of the same run
     (skipped as written) count in what an interrupt reports; `inpaint_mask` (an (H, W) bool array) replaces the
-    entities' masks as the region to repaint. Returns the candidate kept for each job.
+    entities' masks as the region to repaint; `painter` repaints with --repair (default: `pipeline`). Returns the
+    candidate kept for each job.
     """
     schedule = _schedule(args) or pipeline.default_schedule
     settings = {
@@ -161,8 +175,9 @@ def generate_jobs(pipeline, jobs: Sequence[Job], args: argparse.Namespace, out: 
         "scheduler": type(pipeline.scheduler).__name__, "dtype": str(pipeline.dtype).removeprefix("torch."),
         "device": str(pipeline.device), "max_entities": args.max_entities, "image_encoder": args.image_encoder,
         "inpaint_image": args.inpaint_image, "inpaint_mask": args.inpaint_mask, "keep_outside": args.keep_outside,
-        "feather": args.feather if args.keep_outside else None, "attention": args.attention, "best_of": args.best_of,
+        "feather": args.feather if args.keep_outside or args.repair else None, "attention": args.attention, "best_of": args.best_of,
         "detector": detector_name, "iou_threshold": args.iou_threshold if detector_name else None,
+        "repair": args.repair, "repair_model": args.repair_model,
     }
     call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, schedule=schedule,
                 inpaint_image=inpaint_image, inpaint_mask=inpaint_mask, keep_outside=args.keep_outside,
@@ -173,9 +188,16 @@ def generate_jobs(pipeline, jobs: Sequence[Job], args: argparse.Namespace, out: 
     with progress(finished), tqdm(total=len(jobs), desc="generate", unit="image") as bar:
         for batch in _batches(jobs, args.batch_size):
             layouts = [job.layout for job in batch]
-            candidates = [_candidates(pipeline, layouts, k, call, detector, args) for k in range(args.best_of)]
-            for i, job in enumerate(batch):
-                kept[job.name] = _write(out, job, [round_[i] for round_ in candidates], args, settings)
+            drawn = [_candidates(pipeline, layouts, k, call, detector, args) for k in range(args.best_of)]
+            candidates = [[round_[i] for round_ in drawn] for i in range(len(batch))]
+            repairs = [None] * len(batch)
+            if args.repair:
+                from gligen.repair import repair
+
+                repairs = repair(painter or pipeline, detector, [c[best(c)] for c in candidates], args.repair, call,
+                                 args.iou_threshold)
+            for job, job_candidates, repaired in zip(batch, candidates, repairs):
+                kept[job.name] = _write(out, job, job_candidates, args, settings, repaired)
                 done += 1
             bar.update(len(batch))
     return [kept[job.name] for job in jobs]
@@ -198,12 +220,14 @@ def _check_numbers(args: argparse.Namespace) -> None:
             "--layout-from takes one of --caption, --phrases and --vocabulary")
     require(not (args.inpaint_mask or args.keep_outside) or args.inpaint_image,
             "--inpaint-mask and --keep-outside go with --inpaint-image")
+    require(not args.repair_model or args.repair, "--repair-model goes with --repair N")
 
 
-def _check_seeds(layout: Layout, best_of: int, name: str) -> None:
-    """--best-of N draws seeds seed .. seed + N - 1: the last must still be a seed."""
-    require(layout.seed + best_of - 1 <= SEED_MAX,
-            f"layout {name}: seed {layout.seed} + --best-of {best_of} - 1 passes the largest seed, 2**64 - 1")
+def _check_seeds(layout: Layout, args: argparse.Namespace, name: str) -> None:
+    """--best-of N draws seeds seed .. seed + N - 1, and --repair R up to R more: the last must still be a seed."""
+    draws = f"--best-of {args.best_of} - 1" + (f" + --repair {args.repair}" if args.repair else "")
+    require(layout.seed + args.best_of - 1 + args.repair <= SEED_MAX,
+            f"layout {name}: seed {layout.seed} + {draws} passes the largest seed, 2**64 - 1")
 
 
 def _jobs(path: str, max_side: int = MAX_SIDE) -> list[Job]:
@@ -230,7 +254,7 @@ def _prepared(layout: Layout, args: argparse.Namespace) -> Layout:
 
 def _detector_name(args: argparse.Namespace) -> str | None:
     """The detector to load (--detector, else the default), or None when no option needs one."""
-    needed = args.verify or args.best_of > 1 or args.layout_from
+    needed = args.verify or args.best_of > 1 or args.repair or args.layout_from
     return (args.detector or default_detector(args.model)) if needed else None
 
 
@@ -241,10 +265,19 @@ def default_detector(model: str) -> str:
     return DEMO if model == DEMO else DEFAULT_MODEL
 
 
-def _detector(name: str, device):
+def _detector(args: argparse.Namespace, name: str, device):
+    """The detector `name`; when the default one cannot load, the error names the options that need it."""
     from detector.detect import OpenSetDetector
 
-    return OpenSetDetector.from_pretrained(name, device=device)
+    try:
+        return OpenSetDetector.from_pretrained(name, device=device)
+    except UserError as error:
+        if args.detector:
+            raise
+        needs = [option for option, given in (("--verify", args.verify), ("--best-of", args.best_of > 1),
+                                              ("--repair", args.repair), ("--layout-from", args.layout_from)) if given]
+        raise UserError(f"{error}; {' and '.join(needs)} need{'s' if len(needs) == 1 else ''} a detector: name one with "
+                        "--detector") from None
 
 
 def _layout_from_image(args: argparse.Namespace, detector) -> list[Job]:
@@ -306,7 +339,8 @@ def _batches(jobs: Sequence[Job], batch_size: int):
 class Candidate:
     layout: Layout
     image: Image.Image
-    verification: Any = None  # detector.verify.Verification with --verify / --best-of
+    verification: Any = None  # detector.verify.Verification with --verify / --best-of / --repair
+    unet_calls: int = 0  # UNet calls that made the image (one per denoising step)
 
     @property
     def score(self) -> tuple[float, float]:
@@ -314,39 +348,72 @@ class Candidate:
         return (self.verification.success_rate, self.verification.mean_iou) if self.verification else (0.0, 0.0)
 
 
+def best(candidates: Sequence[Candidate]) -> int:
+    """The index of the best-scoring candidate, the first of equals: --best-of's (and --repair's) choice."""
+    return max(range(len(candidates)), key=lambda i: candidates[i].score)  # max keeps the first of equals
+
+
+def paint(pipeline, layouts: list[Layout], call: dict) -> tuple[list[Image.Image], int]:
+    """The images of `layouts` (one size: one batch) by `pipeline(layouts, **call)`, and the UNet calls each took."""
+    steps = []
+    images = pipeline(layouts, **call, callback_on_step_end=lambda pipe, i, t, tensors: steps.append(i) or {}).images
+    return images, len(steps)
+
+
 def _candidates(pipeline, layouts: list[Layout], k: int, call: dict, detector, args) -> list[Candidate]:
     """Candidate `k` of each layout: seed + k; verified when a detector is loaded."""
     from detector.verify import verify_batch
 
     layouts = [replace(layout, seed=layout.seed + k) for layout in layouts]
-    images = pipeline(layouts, **call).images
-    candidates = [Candidate(layout, image) for layout, image in zip(layouts, images)]
-    if detector is not None and (args.verify or args.best_of > 1):
+    images, calls = paint(pipeline, layouts, call)
+    candidates = [Candidate(layout, image, unet_calls=calls) for layout, image in zip(layouts, images)]
+    if detector is not None and (args.verify or args.best_of > 1 or args.repair):
         for candidate, check in zip(candidates, verify_batch(detector, images, layouts, args.iou_threshold)):
             candidate.verification = check
     return candidates
 
 
-def _write(out: Path, job: Job, candidates: list[Candidate], args, settings: dict) -> Candidate:
-    """NAME.png, NAME.overlay.png and NAME.json of the best candidate (the first on ties); the JSON last. The best."""
-    best = max(candidates, key=lambda c: c.score)  # max keeps the first of equal scores
-    save_image(out / f"{job.name}.png", best.image)
+def _repair_model(args: argparse.Namespace, pipeline, device, dtype):
+    """The --repair-model pipeline; without an adapter of its own it takes the generating pipeline's."""
+    from gligen.pipeline import GligenPipeline
+
+    try:
+        painter = GligenPipeline.from_pretrained(args.repair_model, device=device, dtype=dtype, scheduler=args.scheduler,
+                                                 attention=args.attention)
+        if painter.adapter is None and pipeline.adapter is not None:
+            painter.set_adapter(pipeline.adapter)
+    except UserError as error:
+        raise UserError(f"--repair-model {args.repair_model}: {error}") from None
+    suit_threads(painter.unet, device)
+    return painter
+
+
+def _write(out: Path, job: Job, candidates: list[Candidate], args, settings: dict, repaired=None) -> Candidate:
+    """NAME.png, NAME.overlay.png and NAME.json of the best candidate (or of `repaired`'s kept round, a
+    `gligen.repair.Repair` of it); the JSON last. The image kept."""
+    chosen = candidates[best(candidates)]
+    kept = repaired.rounds[repaired.kept].candidate if repaired is not None else chosen
+    save_image(out / f"{job.name}.png", kept.image)
     if args.overlay:
-        save_image(out / f"{job.name}.overlay.png", draw_layout(best.image, best.layout))
+        save_image(out / f"{job.name}.overlay.png", draw_layout(kept.image, kept.layout))
     record: dict[str, Any] = {
         "image": f"{job.name}.png",
         "overlay": f"{job.name}.overlay.png" if args.overlay else None,
-        "seed": best.layout.seed,
-        "layout": best.layout.to_dict(),
+        "seed": chosen.layout.seed,
+        "layout": chosen.layout.to_dict(),
         "model": args.model,
         "adapter": args.adapter or (DEMO if args.model == DEMO else None),  # the demo base brings its adapter
         "settings": settings,
+        "unet_calls": sum(c.unet_calls for c in candidates) + (repaired.unet_calls if repaired is not None else 0),
     }
-    if best.verification is not None:
-        record["verification"] = best.verification.to_dict()
+    if kept.verification is not None:
+        record["verification"] = kept.verification.to_dict()
     if len(candidates) > 1:
         record["candidates"] = [
-            {"seed": c.layout.seed, "success_rate": c.score[0], "mean_iou": c.score[1]} for c in candidates
+            {"seed": c.layout.seed, "success_rate": c.score[0], "mean_iou": c.score[1], "unet_calls": c.unet_calls}
+            for c in candidates
         ]
+    if repaired is not None:
+        record["repair"] = repaired.to_dict()
     write_json(out / f"{job.name}.json", record)
-    return best
+    return kept
