@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from PIL import Image
 from tqdm.auto import tqdm
@@ -244,10 +244,12 @@ def _report(**fields: Any) -> dict[str, Any]:
     return {**fields, "num_missing": len(missing), "missing_images": missing}
 
 
-def write_report(out_dir: str | Path, report: dict[str, Any]) -> None:
-    """`report.json` and its human-readable twin `report.md` (metrics in percent, as papers print them)."""
+def write_report(out_dir: str | Path, report: dict[str, Any],
+                 render: Callable[[dict[str, Any]], str] | None = None) -> None:
+    """`report.json` and its human-readable twin `report.md` (`render`, by default the AP report's: metrics in percent,
+    as papers print them)."""
     write_json(Path(out_dir) / "report.json", report)
-    write_text(Path(out_dir) / "report.md", render_markdown(report))
+    write_text(Path(out_dir) / "report.md", (render or render_markdown)(report))
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -294,8 +296,13 @@ def _percent(name: str, value: float) -> str:
     return "n/a" if value < 0 else f"{100 * value:.1f}"
 
 
-def _sample(image: Image.Image, layout: Any, size: int = 256) -> Image.Image:
+def thumbnail(image: Image.Image, size: int = 256) -> Image.Image:
+    """A copy of `image` fitting in `size` x `size`, for the samples grid."""
+    small = image.copy()
+    small.thumbnail((size, size))
+    return small
+
+
+def _sample(image: Image.Image, layout: Any) -> Image.Image:
     """A thumbnail of `image` with the layout's boxes and phrases drawn."""
-    thumbnail = image.copy()
-    thumbnail.thumbnail((size, size))
-    return draw_layout(thumbnail, layout)
+    return draw_layout(thumbnail(image), layout)
