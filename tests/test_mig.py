@@ -222,6 +222,7 @@ def hand_made_set(tmp_path: Path) -> tuple[Path, Path]:
         mig_layout([Instance("car", "red", CAR), Instance("dog", "blue", DOG)], 40, {"image_id": 1}),
         mig_layout([Instance("cup", "green", CUP), Instance("cat", "white", CAT), Instance("bed", "black", BED)], 40,
                    {"image_id": 2}),
+        mig_layout([Instance("cup", "red", CUP)] * 4, 40, {"image_id": 3}),  # its image is missing
     ]
     folder = tmp_path / "images"
     folder.mkdir()
@@ -254,6 +255,7 @@ def test_report_has_every_level_with_the_right_numbers(tmp_path):
     eval_set = load_mig_set(layouts, sampling=None)
     report = score_mig(detector, eval_set, images, tmp_path / "out")
     check_levels(report, {"L2": (1, 2, 1.0, 0.9), "L3": (1, 3, 0.0, 0.4 / 3), "overall": (2, 5, 0.4, 2.2 / 5)})
+    assert report["num_images"] == 2 and report["missing_images"] == [str(images / image_name(3))]
     # One prompt per category of an image, at MIG-Bench's thresholds and NMS.
     [(phrases, kwargs)] = detector.calls
     assert phrases == [["car"], ["dog"], ["cup"], ["cat"], ["bed"]]
@@ -267,6 +269,7 @@ def test_report_has_every_level_with_the_right_numbers(tmp_path):
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "| L2 | 1 | 2 | 100.0 | 0.900 |" in markdown and "| overall | 2 | 5 | 40.0 | 0.440 |" in markdown
     assert markdown.count("| no layouts | no layouts |") == 3 and "the detected box (no segmenter)" in markdown
+    assert f"## Missing images (1)\n\n- {images / image_name(3)}" in markdown
     with Image.open(tmp_path / "out" / "samples.png") as grid:
         assert grid.size[0] > 256
 

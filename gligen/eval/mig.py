@@ -38,7 +38,6 @@ Where this differs from MIG-Bench:
 from __future__ import annotations
 
 import random
-import sys
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -428,15 +427,10 @@ def score_mig(
 
     `detector`: an `OpenSetDetector`; `segmenter`: a `detector.segment.Segmenter` (None: the detected boxes' pixels).
     """
-    from gligen.eval.score import find_images, thumbnail, write_report
+    from gligen.eval.score import images_to_score, thumbnail, write_report
 
     out_dir = Path(out_dir)
-    present, missing = find_images(eval_set.records, images_dir, real_images)
-    if missing:
-        tqdm.write(f"{len(missing)} of {len(eval_set.records)} images are missing and skipped, e.g. {missing[0]}",
-                   file=sys.stderr)
-    if not present:
-        raise UserError(f"{images_dir}: none of the {len(eval_set.records)} images of the evaluation set is there")
+    present, missing = images_to_score(eval_set.records, images_dir, real_images)
     checks: list[InstanceCheck] = []
     samples = []
     bar = tqdm(total=len(present), desc="score MIG", unit="image")
@@ -506,6 +500,8 @@ def _sample(image: Image.Image, checks: Sequence[InstanceCheck]) -> Image.Image:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """The MIG report as MIG-Bench's table: instance success rate (percent) and mIoU per level and overall."""
+    from gligen.eval.score import missing_section
+
     settings = report["settings"]
     lines = [
         "# COCO-MIG evaluation",
@@ -529,8 +525,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report["metrics"]:
         lines += ["", "## Image quality", "", *(f"- {name}: {value:.2f}" for name, value in report["metrics"].items())]
     lines += ["", "## Settings", "", *(f"- {k}: {v}" for k, v in settings.items())]
-    if report["missing_images"]:
-        lines += ["", f"## Missing images ({report['num_missing']})", "", *(f"- {p}" for p in report["missing_images"][:20])]
+    lines += missing_section(report)
     lines += ["", "## Samples (green: instance succeeded, red: failed)", "", f"![samples]({report['files']['grid']})",
               f"\nEvery instance: [{report['files']['instances']}]({report['files']['instances']})"]
     return "\n".join(lines) + "\n"

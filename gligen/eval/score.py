@@ -76,6 +76,18 @@ def find_images(
     return present, missing
 
 
+def images_to_score(
+    records: Sequence[Record], images_dir: str | Path, real_images: bool
+) -> tuple[list[tuple[Record, Path]], list[str]]:
+    """`find_images`, saying on stderr how many are missing; a UserError when none is there."""
+    present, missing = find_images(records, images_dir, real_images)
+    if missing:
+        tqdm.write(f"{len(missing)} of {len(records)} images are missing and skipped, e.g. {missing[0]}", file=sys.stderr)
+    if not present:
+        raise UserError(f"{images_dir}: none of the {len(records)} images of the evaluation set is there")
+    return present, missing
+
+
 def ground_truth(
     records: Sequence[Record], sizes: Sequence[tuple[int, int]], categories: Sequence[Category]
 ) -> dict[str, Any]:
@@ -142,12 +154,7 @@ def score_images(
     from gligen.files import open_image
 
     out_dir = Path(out_dir)
-    present, missing = find_images(eval_set.records, images_dir, real_images)
-    if missing:
-        tqdm.write(f"{len(missing)} of {len(eval_set.records)} images are missing and skipped, e.g. {missing[0]}",
-                   file=sys.stderr)
-    if not present:
-        raise UserError(f"{images_dir}: none of the {len(eval_set.records)} images of the evaluation set is there")
+    present, missing = images_to_score(eval_set.records, images_dir, real_images)
     if detector is None:
         return _report_without_boxes(present, missing, images_dir, real_images, settings, extra_metrics or {}, out_dir)
     if settings.verify_threshold is None:  # as `detector verify` checks with this family (never below the AP threshold)
@@ -279,14 +286,21 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
     if report["settings"] is not None:
         lines += ["", "## Settings", "", *(f"- {k}: {v}" for k, v in report["settings"].items())]
-    if report["missing_images"]:
-        lines += ["", f"## Missing images ({report['num_missing']})", ""]
-        lines += [f"- {path}" for path in report["missing_images"][:MAX_LISTED_MISSING]]
-        if report["num_missing"] > MAX_LISTED_MISSING:
-            lines.append(f"- ... and {report['num_missing'] - MAX_LISTED_MISSING} more (see report.json)")
+    lines += missing_section(report)
     if report["files"]["grid"]:
         lines += ["", "## Samples (layout boxes drawn)", "", f"![samples]({report['files']['grid']})"]
     return "\n".join(lines) + "\n"
+
+
+def missing_section(report: dict[str, Any]) -> list[str]:
+    """The markdown lines listing a report's missing images (none when none is missing)."""
+    if not report["missing_images"]:
+        return []
+    lines = ["", f"## Missing images ({report['num_missing']})", ""]
+    lines += [f"- {path}" for path in report["missing_images"][:MAX_LISTED_MISSING]]
+    if report["num_missing"] > MAX_LISTED_MISSING:
+        lines.append(f"- ... and {report['num_missing'] - MAX_LISTED_MISSING} more (see report.json)")
+    return lines
 
 
 def _percent(name: str, value: float) -> str:
