@@ -50,9 +50,9 @@ from tqdm.auto import tqdm
 
 from gligen.draw import draw_boxes, make_grid
 from gligen.errors import UserError
-from gligen.eval.annotations import Category, EvalSet, Filters, Record, load_eval_set
+from gligen.eval.annotations import Category, EvalSet, Filters, Record, is_number, load_eval_set, unique
 from gligen.files import open_image, read_text, save_image, write_json
-from gligen.layout import Box, Entity, Layout, LayoutError
+from gligen.layout import Box, Entity, Layout
 
 DEFAULT_COLOR_FRACTION = 0.2
 LEVELS = (2, 3, 4, 5, 6)  # instances per layout
@@ -240,7 +240,7 @@ def read_mig_bench(path: str | Path, size: int = 512) -> list[Record]:
         raise UserError(f"{path}: invalid YAML ({' '.join(str(error).split())})") from None
     if not isinstance(data, dict) or not data:
         raise UserError(f"{path}: expected MIGC's annotation file, a mapping of prompts to their phrases' boxes")
-    records = []
+    records, image_ids = [], set()
     for prompt, phrases in data.items():
         where = f"{path}: {str(prompt)[:60]!r}"
         if not isinstance(phrases, dict) or "coco_id" not in phrases:
@@ -249,6 +249,8 @@ def read_mig_bench(path: str | Path, size: int = 512) -> list[Record]:
             image_id = int(phrases["coco_id"])
         except (TypeError, ValueError):
             raise UserError(f"{where}: 'coco_id' must be an integer, got {phrases['coco_id']!r}") from None
+        unique(image_id, image_ids, "coco_id", where)  # it names the image file
+        image_ids.add(image_id)
         instances = []
         for phrase, boxes in phrases.items():
             if phrase == "coco_id":
@@ -264,13 +266,13 @@ def read_mig_bench(path: str | Path, size: int = 512) -> list[Record]:
 
 
 def _clipped(box: Any, where: str) -> Box:
-    """A normalized box of the file, its float noise past the image's edges clipped (x0 + w can reach 1.0000000000000002)."""
-    if isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
-        box = [min(max(float(v), 0.0), 1.0) for v in box]
-    try:
-        return Layout.from_dict({"entities": [{"phrase": "box", "box": box}]}, where).entities[0].box
-    except LayoutError as error:
-        raise UserError(str(error).replace(": entity 0 ('box')", "")) from None
+    """A normalized box of MIGC's file, clipped to the image (its x0 + w can reach 1.0000000000000002)."""
+    if not (isinstance(box, list) and len(box) == 4 and all(is_number(v) for v in box)):
+        raise UserError(f"{where}: a box must be 4 numbers [x0, y0, x1, y1], got {box!r}")
+    x0, y0, x1, y1 = (min(max(float(v), 0.0), 1.0) for v in box)
+    if x1 <= x0 or y1 <= y0:
+        raise UserError(f"{where}: box {box!r} covers no area of the image")
+    return (x0, y0, x1, y1)
 
 
 def load_mig_set(
@@ -386,7 +388,7 @@ def check_instances(
 
 
 def box_region(box: Box, width: int, height: int) -> np.ndarray:
-    """(height, width) bool: the pixels whose centres lie in the normalized xyxy `box` (at least one pixel)."""
+    """(height, width) bool: the pixels the normalized xyxy `box` covers, its sides rounded to whole pixels (one at least)."""
     x0, y0, x1, y1 = box
     left, top = min(round(x0 * width), width - 1), min(round(y0 * height), height - 1)
     right, bottom = max(round(x1 * width), left + 1), max(round(y1 * height), top + 1)
