@@ -164,29 +164,24 @@ def test_read_migc_annotation_file(tmp_path):
     assert records[1].layout.meta["mig"]["a brown teddy bear"] == {"category": "teddy bear", "color": "brown"}
     assert records[1].layout.prompt == LONG
 
-    data["a photo of a red car and a blue car"] = {"a red car": [[0.5, 0.5, 0.5, 0.9]], "a blue car": [[0, 0, 1, 1]],
-                                                   "coco_id": "4"}
-    path.write_text(yaml.safe_dump(data))
-    status, stderr = cli("score", "--protocol", "mig", "--annotations", str(path), "--images", str(tmp_path),
-                         "--out", str(tmp_path / "out"))
-    assert status == 1 and stderr.count("\n") == 1
-    assert "'a photo of a red car and a blue car': 'a red car': box [0.5, 0.5, 0.5, 0.9] covers no area" in stderr
 
-    data["a photo of a red car and a blue car"]["a red car"] = [[0.5, 0.5, 0.6, 0.9]]
-    data["a photo of a red car and a blue car"]["coco_id"] = "17"
-    path.write_text(yaml.safe_dump(data))
+@pytest.mark.parametrize("prompt, phrases, message", [
+    ("a photo of a red car and a blue car", {"a red car": [[0.5, 0.5, 0.5, 0.9]], "a blue car": [[0, 0, 1, 1]]},
+     "'a photo of a red car and a blue car': 'a red car': box [0.5, 0.5, 0.5, 0.9] covers no area of the image"),
+    ("a photo of a purple car and a red car", {"a purple car": [[0, 0, 1, 1]], "a red car": [[0, 0, 1, 1]]},
+     "'a photo of a purple car and a red car': phrase 'a purple car' is not 'a <colour> <category>'"),
+    ("a photo of a red car and a blue car", {"a red car": [[0, 0, 1, 1]], "a blue car": [[0, 0, 1, 1]], "coco_id": "3"},
+     "'a photo of a red car and a blue car': coco_id 3 appears twice"),
+])
+def test_a_bad_migc_file_is_one_line(tmp_path, prompt, phrases, message):
+    data = {"a photo of a blue car and a red car": {"a blue car": [[0, 0, 1, 1]], "a red car": [[0, 0, 1, 1]],
+                                                    "coco_id": "3"},
+            prompt: {"coco_id": "4", **phrases}}
+    path = tmp_path / "mig_bench_anno.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     status, stderr = cli("score", "--protocol", "mig", "--annotations", str(path), "--images", str(tmp_path),
                          "--out", str(tmp_path / "out"))
-    assert status == 1 and stderr.count("\n") == 1 and ": coco_id 17 appears twice" in stderr
-
-    del data["a photo of a red car and a blue car"]
-    data["a photo of a purple car and a red car"] = {"a purple car": [[0, 0, 1, 1]], "a red car": [[0, 0, 1, 1]],
-                                                     "coco_id": "5"}
-    path.write_text(yaml.safe_dump(data))
-    status, stderr = cli("score", "--protocol", "mig", "--annotations", str(path), "--images", str(tmp_path),
-                         "--out", str(tmp_path / "out"))
-    assert status == 1 and stderr.count("\n") == 1
-    assert "'a photo of a purple car and a red car': phrase 'a purple car' is not 'a <colour> <category>'" in stderr
+    assert status == 1 and stderr.count("\n") == 1 and stderr.startswith(f"gligen: error: {path}: {message}")
 
 
 # --- scoring -----------------------------------------------------------------------------------------------------
