@@ -29,7 +29,8 @@ Where this differs from MIG-Bench:
 - With more than 6 instances MIG-Bench keeps the first 6 in annotation order; here the 6 largest.
 - Crowd annotations, kept by MIG-Bench, are dropped unless `--keep-crowd` (as in every eval set).
 - Without a segmenter the colour is checked on the pixels of the detected box (MIG-Bench always
-  segments with SAM).
+  segments with SAM). With one, which of SAM's candidate masks is kept is `detector.segment`'s
+  choice (MIG-Bench keeps the best-scoring of SAM's three).
 - Images are scored at their own size; MIG-Bench first resizes them to 512 x 512.
 - Any detector of `detector` serves (MIG-Bench: Grounding DINO Swin-T OGC); the thresholds are
   Grounding DINO's and may need changing for another family.
