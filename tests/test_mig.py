@@ -209,7 +209,8 @@ class GivenSegmenter:
     def __init__(self, masks: dict[tuple[float, ...], np.ndarray]):
         self.masks, self.boxes = masks, []
 
-    def segment(self, images, boxes):
+    def segment(self, images, boxes, multimask_output=False):
+        assert multimask_output  # MIG-Bench keeps the best of SAM's three masks
         self.boxes.extend(tuple(round(v, 4) for v in box) for b in boxes for box in b.tolist())
         return [torch.from_numpy(np.stack([self.masks[tuple(round(v, 4) for v in box)] for box in b.tolist()]))
                 for b in boxes]
@@ -329,6 +330,30 @@ def test_score_protocol_mig_end_to_end(tmp_path, gligen_dir):
         assert (instance["color_fraction"] is not None) == (instance["iou"] >= 0.5)
         assert instance["success"] == (instance["iou"] >= 0.5 and instance["color_fraction"] >= 0.1)
     assert "| L5 | 0 | 0 | no layouts | no layouts |" in (out / "score" / "report.md").read_text()
+
+    # With a SAM: the colour of each instance whose IoU passes is read on SAM's mask for its layout box.
+    from detector.segment import Segmenter
+    from tests.tiny_segmenter import save_tiny_sam
+
+    sam = save_tiny_sam(tmp_path / "sam")
+    status, stderr = cli("score", "--protocol", "mig", "--annotations", str(out / "layouts.jsonl"),
+                         "--detector", str(detector), "--segmenter", str(sam), "--box-threshold", "0",
+                         "--text-threshold", "0", "--out", str(out / "sam"))
+    assert status == 0, stderr
+    report = json.loads((out / "sam" / "report.json").read_text())
+    assert report["segmenter"] == str(sam) and f"instance pixels: {sam}" in (out / "sam" / "report.md").read_text()
+    segmenter = Segmenter.from_pretrained(str(sam))
+    checked = 0
+    for layout, instance_list in ((lay, [i for i in json.loads((out / "sam" / "instances.json").read_text())
+                                          if i["image_id"] == lay.meta["image_id"]]) for lay in layouts):
+        image = Image.open(out / image_name(layout.meta["image_id"])).convert("RGB")
+        [masks] = segmenter.segment([image], [torch.tensor(layout.boxes)], multimask_output=True)
+        for instance, mask in zip(instance_list, masks.numpy()):
+            if instance["color_fraction"] is not None:
+                fraction, _ = color_check(np.asarray(image), mask, instance["color"])
+                assert instance["color_fraction"] == pytest.approx(fraction, abs=1e-6)
+                checked += 1
+    assert checked and checked == sum(i["iou"] >= 0.5 for i in instances)  # same detections as without SAM
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -15,8 +15,8 @@ Scoring (MIG-Bench's `eval_mig.py`), instance by instance:
 1. the detector is asked for the instance's plain category alone (one prompt per category and
    image), box and text thresholds 0.25, NMS at IoU 0.8;
 2. its IoU is the largest IoU of a detection with its box: instances never compete for detections;
-3. at IoU >= 0.5 its colour is checked: of its pixels (the segmenter's mask for its layout box;
-   SAM ViT-H in MIG-Bench), the fraction inside its colour's HSV ranges (OpenCV's 8-bit HSV,
+3. at IoU >= 0.5 its colour is checked: of its pixels (the segmenter's mask for its layout box,
+   the best-scoring of three; SAM ViT-H in MIG-Bench), the fraction inside its colour's HSV ranges (OpenCV's 8-bit HSV,
    H in [0, 180], S and V in [0, 255], bounds included) must reach 0.2;
 4. it succeeds when both hold; its term in the mIoU is its IoU, or 0 when the colour check
    failed (an instance under IoU 0.5 is not colour-checked and counts its IoU, as in MIG-Bench).
@@ -28,9 +28,8 @@ Where this differs from MIG-Bench:
   image's captions, then replaces it); here a seed draws them, so a set is rebuilt exactly.
 - With more than 6 instances MIG-Bench keeps the first 6 in annotation order; here the 6 largest.
 - Crowd annotations, kept by MIG-Bench, are dropped unless `--keep-crowd` (as in every eval set).
-- Without a segmenter the colour is checked on the pixels of the detected box (MIG-Bench always
-  segments with SAM). With one, which of SAM's candidate masks is kept is `detector.segment`'s
-  choice (MIG-Bench keeps the best-scoring of SAM's three).
+- Without a segmenter the colour is checked on the pixels the detected box touches (MIG-Bench
+  always segments with SAM).
 - Images are scored at their own size; MIG-Bench first resizes them to 512 x 512.
 - Any detector of `detector` serves (MIG-Bench: Grounding DINO Swin-T OGC); the thresholds are
   Grounding DINO's and may need changing for another family.
@@ -53,6 +52,7 @@ from gligen.draw import draw_boxes, make_grid
 from gligen.errors import UserError
 from gligen.eval.annotations import Category, EvalSet, Filters, Record, is_number, load_eval_set, unique
 from gligen.files import open_image, read_text, save_image, write_json
+from gligen.masks import box_pixels
 from gligen.layout import Box, Entity, Layout
 
 DEFAULT_COLOR_FRACTION = 0.2
@@ -367,7 +367,7 @@ def check_instances(
 
     rgb: (H, W, 3) uint8. `detected`: category -> (K, 4) normalized xyxy boxes of the detections
     of that category. `masks`: instance index -> (H, W) bool, its pixels from a segmenter (needed
-    for the instances whose IoU passes); None: the pixels of the detected box.
+    for the instances whose IoU passes); None: the pixels the detected box touches.
     """
     from detector.box_ops import box_iou
 
@@ -382,20 +382,10 @@ def check_instances(
         iou, detected_box = float(ious[best]), tuple(boxes[best].tolist())
         fraction, passed = None, False
         if iou >= settings.iou_threshold:
-            mask = masks[i] if masks is not None else box_region(detected_box, rgb.shape[1], rgb.shape[0])
+            mask = masks[i] if masks is not None else box_pixels(detected_box, rgb.shape[1], rgb.shape[0])
             fraction, passed = color_check(rgb, mask, instance.color, settings.color_fraction)
         checks.append(InstanceCheck(image_id, len(instances), instance, detected_box, iou, fraction, passed))
     return checks
-
-
-def box_region(box: Box, width: int, height: int) -> np.ndarray:
-    """(height, width) bool: the pixels the normalized xyxy `box` covers, its sides rounded to whole pixels (one at least)."""
-    x0, y0, x1, y1 = box
-    left, top = min(round(x0 * width), width - 1), min(round(y0 * height), height - 1)
-    right, bottom = max(round(x1 * width), left + 1), max(round(y1 * height), top + 1)
-    mask = np.zeros((height, width), dtype=bool)
-    mask[top:bottom, left:right] = True
-    return mask
 
 
 def summarize(checks: Sequence[InstanceCheck]) -> dict[str, dict[str, Any]]:
@@ -487,10 +477,13 @@ def _detect_categories(
 
 
 def _segment(segmenter: Any, images: list[Image.Image], instances: list[list[Instance]]) -> list[dict[int, np.ndarray]]:
-    """Per image, instance index -> the segmenter's mask for the instance's layout box (MIG-Bench prompts SAM with it)."""
+    """Per image, instance index -> the segmenter's mask for the instance's layout box.
+
+    As MIG-Bench prompts SAM: with the layout box, three candidate masks, the best-scoring kept.
+    """
     boxes = [torch.tensor([inst.box for inst in image_instances], dtype=torch.float32).reshape(-1, 4)
              for image_instances in instances]
-    masks = segmenter.segment(images, boxes)
+    masks = segmenter.segment(images, boxes, multimask_output=True)
     return [{k: mask.cpu().numpy().astype(bool) for k, mask in enumerate(image_masks)} for image_masks in masks]
 
 
