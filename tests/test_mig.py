@@ -206,6 +206,8 @@ class GivenDetector:
 class GivenSegmenter:
     """A segmenter returning, for each box it is given, the mask listed for that box."""
 
+    name = "given"
+
     def __init__(self, masks: dict[tuple[float, ...], np.ndarray]):
         self.masks, self.boxes = masks, []
 
@@ -291,7 +293,7 @@ def test_report_has_every_level_with_the_right_numbers(tmp_path):
     blue = np.asarray(painted([(DOG, "blue")]))[..., 2] == SWATCHES["blue"][2]
     segmenter = GivenSegmenter({CAR: ~no_pixels, DOG: ~blue, CUP: ~no_pixels, CAT: ~no_pixels, BED: ~no_pixels})
     report = score_mig(detector, eval_set, images, tmp_path / "sam", settings=MigSettings(color_fraction=0.05),
-                       segmenter=segmenter, segmenter_name="given")
+                       segmenter=segmenter)
     assert sorted(set(segmenter.boxes)) == sorted({CAR, DOG, CUP, CAT, BED})
     # the car's mask is the whole image: a quarter red passes at 0.05; the dog's is the grey outside it
     check_levels(report, {"L2": (1, 2, 0.5, 0.5), "L3": (1, 3, 0.0, 0.4 / 3), "overall": (2, 5, 0.2, 1.4 / 5)})

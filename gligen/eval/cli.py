@@ -228,7 +228,7 @@ def _score_mig(args: argparse.Namespace) -> None:
         from detector.segment import Segmenter
 
         segmenter = Segmenter.from_pretrained(args.segmenter, device=_device(args), dtype=_dtype(args))
-    mig.score_mig(detector, eval_set, images, args.out, args.real_images, settings, segmenter, args.segmenter, extra)
+    mig.score_mig(detector, eval_set, images, args.out, args.real_images, settings, segmenter, extra)
 
 
 def _images_dir(args: argparse.Namespace) -> str | Path:

@@ -16,8 +16,8 @@ Scoring (MIG-Bench's `eval_mig.py`), instance by instance:
    image), box and text thresholds 0.25, NMS at IoU 0.8;
 2. its IoU is the largest IoU of a detection with its box: instances never compete for detections;
 3. at IoU >= 0.5 its colour is checked: of its pixels (the segmenter's mask for its layout box,
-   the best-scoring of three; SAM ViT-H in MIG-Bench), the fraction inside its colour's HSV ranges (OpenCV's 8-bit HSV,
-   H in [0, 180], S and V in [0, 255], bounds included) must reach 0.2;
+   the best-scoring of three; SAM ViT-H in MIG-Bench), the fraction inside its colour's HSV
+   ranges (OpenCV's 8-bit HSV, H in [0, 180], S and V in [0, 255], bounds included) must reach 0.2;
 4. it succeeds when both hold; its term in the mIoU is its IoU, or 0 when the colour check
    failed (an instance under IoU 0.5 is not colour-checked and counts its IoU, as in MIG-Bench).
 The instance success rate and the mIoU are taken over the instances of each level and over all
@@ -413,7 +413,6 @@ def score_mig(
     real_images: bool = False,
     settings: MigSettings = MigSettings(),
     segmenter: Any = None,
-    segmenter_name: str | None = None,
     extra_metrics: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Score the images of a MIG evaluation set; write `report.json`, `report.md`, `instances.json` and `samples.png`.
@@ -453,7 +452,7 @@ def score_mig(
         "missing_images": missing,
         "mig": summarize(checks),
         "metrics": extra_metrics or {},
-        "segmenter": segmenter_name,
+        "segmenter": segmenter.name if segmenter is not None else None,
         "settings": asdict(settings),
         "files": {"instances": INSTANCES_FILE, "grid": GRID_FILE},
     }
