@@ -9,6 +9,11 @@ Layout filters of the literature (LostGAN, LAMA): `--min-area 0.02 --min-objects
     gligen eval score --annotations instances_val2017.json --images val2017 --real-images --out real/
     gligen eval score --annotations gt.json --detections dt.json --out scores/   # no model
 
+COCO-MIG (MIG-Bench: 2-6 instances per layout, each in a colour; `gligen.eval.mig`):
+
+    gligen eval generate --mig --annotations instances_val2014.json --model ... --out mig/   # or MIGC's .yaml
+    gligen eval score --protocol mig --annotations mig/layouts.jsonl --segmenter facebook/sam-vit-huge --out mig/score
+
 `accelerate launch -m gligen.cli eval generate ...` splits generation over processes.
 """
 
@@ -49,6 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="generated image width and height (default: the model's own, e.g. 64 for demo; "
                                "512 when it cannot be read)")
     _add_device_arguments(generate, cuda_dtype="fp16")
+    mig = generate.add_argument_group("COCO-MIG layouts (gligen.eval.mig)")
+    mig.add_argument("--mig", action="store_true",
+                     help="MIG-Bench layouts: drawn from a COCO instances .json (2-6 instances, a colour each), "
+                          "or read from MIGC's mig_bench_anno.yaml")
+    mig.add_argument("--per-level", type=positive_int, default=160, help="layouts per level L2..L6 (default 160)")
+    mig.add_argument("--mig-seed", type=seed, default=0, help="seed of the images and colours drawn (default 0)")
     generate.add_argument("--out", required=True, type=Output, help="folder for the images and layouts.jsonl")
     generate.set_defaults(func=_generate)
 
@@ -60,9 +71,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score.add_argument("--detections", help="COCO results JSON to score against --annotations, without a model")
     score.add_argument("--detector", default=DEFAULT_DETECTOR,
                        help=f"Grounding DINO directory or hub id (default {DEFAULT_DETECTOR})")
-    score.add_argument("--box-threshold", type=fraction, default=0.05,
-                       help="detections kept for AP (default 0.05: low, for the whole precision-recall curve)")
-    score.add_argument("--text-threshold", type=fraction, default=0.05)
+    score.add_argument("--protocol", choices=["ap", "mig"], default="ap",
+                       help="ap: COCO/LVIS AP and layout checks (default); mig: COCO-MIG instance success rate and "
+                            "mIoU per level L2..L6 (layouts of `eval generate --mig`)")
+    score.add_argument("--box-threshold", type=fraction, default=None,
+                       help="detections kept (default 0.05 for AP: low, for the whole precision-recall curve; "
+                            "0.25 under --protocol mig, as MIG-Bench)")
+    score.add_argument("--text-threshold", type=fraction, default=None, help="default 0.05; 0.25 under --protocol mig")
+    score.add_argument("--color-fraction", type=fraction, default=None,
+                       help="--protocol mig: the share of an instance's pixels that must be of its colour (default 0.2)")
     score.add_argument("--verify-threshold", type=fraction, default=None,
                        help="box threshold of the layout checks (default: the detector family's, as detector verify)")
     score.add_argument("--iou-threshold", type=number(float, 0, 1, low_open=True), default=0.5,
@@ -78,6 +95,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="layouts with a 'condition' map: the same map made from each image, compared with it "
                             "(canny, hed: edge F1, depth: scale-invariant RMSE, normal: mean angle, sem: mIoU; the "
                             "map's network from --condition-model)")
+    score.add_argument("--segmenter", help="--protocol mig: a transformers SAM (directory or hub id) for the "
+                       "instances' pixels (default: the detected box)")
     from gligen.maps.cli import add_extractor_options
 
     add_extractor_options(score, "--condition-model")
@@ -113,6 +132,17 @@ def _eval_set(args: argparse.Namespace, size: int = 512) -> EvalSet:
     return load_eval_set(args.annotations, args.captions, filters, size, args.limit)
 
 
+def _mig_set(args: argparse.Namespace, size: int = 512) -> EvalSet:
+    """MIG layouts: drawn from COCO (`eval generate --mig`), or read from MIGC's .yaml or a layouts .jsonl."""
+    from gligen.eval.mig import Sampling, load_mig_set
+
+    if args.captions:
+        raise UserError("--captions: MIG prompts are made from the instances ('a photo of a red car and ...')")
+    sampling = Sampling(args.per_level, args.mig_seed) if args.eval_command == "generate" else None
+    filters = Filters(args.min_objects, args.max_objects, args.min_area, not args.keep_crowd, args.max_entities)
+    return load_mig_set(args.annotations, filters, size, args.limit, sampling)
+
+
 def _device(args: argparse.Namespace) -> str:
     from gligen.eval.generate import process_state
 
@@ -130,7 +160,7 @@ def _generate(args: argparse.Namespace) -> None:
     args.size = args.size or native_size(args.model) or 512
     if args.size % 8:
         raise UserError(f"--size must be a multiple of 8, got {args.size}")
-    eval_set = _eval_set(args, args.size)  # bad input fails before the model loads
+    eval_set = _mig_set(args, args.size) if args.mig else _eval_set(args, args.size)  # fails before the model loads
     from gligen.pipeline import GligenPipeline
     from gligen.schedule import parse_schedule, schedule_from_beta
 
@@ -149,17 +179,21 @@ def _score(args: argparse.Namespace) -> None:
     from gligen.eval import score
     from gligen.eval.pose import PoseEstimator, persons
 
+    if args.protocol == "mig":
+        _score_mig(args)
+        return
+    if args.color_fraction is not None:
+        raise UserError("--color-fraction belongs to --protocol mig")
     if args.detections:
         if args.real_images or args.images:
             raise UserError("--detections scores a results file alone; drop --images / --real-images")
         score.score_files(args.annotations, args.detections, args.out)
         return
     eval_set = _eval_set(args)
-    images = args.images or (Path(args.annotations).parent if args.annotations.endswith(".jsonl") else None)
-    if images is None:
-        raise UserError(f"{args.annotations}: give --images, the folder of the images to score")
-    settings = score.ScoreSettings(args.box_threshold, args.text_threshold, args.verify_threshold,
-                                   args.iou_threshold, args.batch_size, args.samples)
+    images = _images_dir(args)
+    settings = score.ScoreSettings(**_thresholds(args), verify_threshold=args.verify_threshold,
+                                   iou_threshold=args.iou_threshold, batch_size=args.batch_size,
+                                   num_samples=args.samples)
     if args.pose_model and not any(persons(record) for record in eval_set.records):
         raise UserError(f"--pose-model: no layout of {args.annotations} has an entity with keypoints to score")
     extra = _quality_metrics(args, eval_set, images)
@@ -172,6 +206,43 @@ def _score(args: argparse.Namespace) -> None:
     detector = OpenSetDetector.from_pretrained(args.detector, device=_device(args), dtype=_dtype(args)) if boxed \
         else None
     score.score_images(detector, eval_set, images, args.out, args.real_images, settings, extra, pose_estimator)
+
+
+def _score_mig(args: argparse.Namespace) -> None:
+    from gligen.eval import mig
+
+    for flag in ("detections", "verify_threshold", "pose_model", "condition_fidelity"):
+        if getattr(args, flag):
+            raise UserError(f"--{flag.replace('_', '-')} belongs to --protocol ap; --protocol mig does not use it")
+    eval_set = _mig_set(args)
+    images = _images_dir(args)
+    color_fraction = mig.DEFAULT_COLOR_FRACTION if args.color_fraction is None else args.color_fraction
+    settings = mig.MigSettings(**_thresholds(args), iou_threshold=args.iou_threshold, color_fraction=color_fraction,
+                               batch_size=args.batch_size, num_samples=args.samples)
+    extra = _quality_metrics(args, eval_set, images)
+    from detector.detect import OpenSetDetector
+
+    detector = OpenSetDetector.from_pretrained(args.detector, device=_device(args), dtype=_dtype(args))
+    segmenter = None
+    if args.segmenter:
+        from detector.segment import Segmenter
+
+        segmenter = Segmenter.from_pretrained(args.segmenter, device=_device(args), dtype=_dtype(args))
+    mig.score_mig(detector, eval_set, images, args.out, args.real_images, settings, segmenter, extra)
+
+
+def _images_dir(args: argparse.Namespace) -> str | Path:
+    """--images, or the folder of a layouts .jsonl (where `eval generate` writes the images beside it)."""
+    images = args.images or (Path(args.annotations).parent if args.annotations.endswith(".jsonl") else None)
+    if images is None:
+        raise UserError(f"{args.annotations}: give --images, the folder of the images to score")
+    return images
+
+
+def _thresholds(args: argparse.Namespace) -> dict[str, float]:
+    """The detection thresholds given on the command line (the protocol's defaults for the others)."""
+    return {k: v for k, v in (("box_threshold", args.box_threshold), ("text_threshold", args.text_threshold))
+            if v is not None}
 
 
 def _quality_metrics(args: argparse.Namespace, eval_set: EvalSet, images: str | Path) -> dict[str, float]:

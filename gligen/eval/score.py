@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from PIL import Image
 from tqdm.auto import tqdm
@@ -73,6 +73,18 @@ def find_images(
             present.append((record, path))
         else:
             missing.append(str(path))
+    return present, missing
+
+
+def images_to_score(
+    records: Sequence[Record], images_dir: str | Path, real_images: bool
+) -> tuple[list[tuple[Record, Path]], list[str]]:
+    """`find_images`, saying on stderr how many are missing; a UserError when none is there."""
+    present, missing = find_images(records, images_dir, real_images)
+    if missing:
+        tqdm.write(f"{len(missing)} of {len(records)} images are missing and skipped, e.g. {missing[0]}", file=sys.stderr)
+    if not present:
+        raise UserError(f"{images_dir}: none of the {len(records)} images of the evaluation set is there")
     return present, missing
 
 
@@ -142,12 +154,7 @@ def score_images(
     from gligen.files import open_image
 
     out_dir = Path(out_dir)
-    present, missing = find_images(eval_set.records, images_dir, real_images)
-    if missing:
-        tqdm.write(f"{len(missing)} of {len(eval_set.records)} images are missing and skipped, e.g. {missing[0]}",
-                   file=sys.stderr)
-    if not present:
-        raise UserError(f"{images_dir}: none of the {len(eval_set.records)} images of the evaluation set is there")
+    present, missing = images_to_score(eval_set.records, images_dir, real_images)
     if detector is None:
         return _report_without_boxes(present, missing, images_dir, real_images, settings, extra_metrics or {}, out_dir)
     if settings.verify_threshold is None:  # as `detector verify` checks with this family (never below the AP threshold)
@@ -244,10 +251,12 @@ def _report(**fields: Any) -> dict[str, Any]:
     return {**fields, "num_missing": len(missing), "missing_images": missing}
 
 
-def write_report(out_dir: str | Path, report: dict[str, Any]) -> None:
-    """`report.json` and its human-readable twin `report.md` (metrics in percent, as papers print them)."""
+def write_report(out_dir: str | Path, report: dict[str, Any],
+                 render: Callable[[dict[str, Any]], str] | None = None) -> None:
+    """`report.json` and its human-readable twin `report.md` (`render`, by default the AP report's: metrics in percent,
+    as papers print them)."""
     write_json(Path(out_dir) / "report.json", report)
-    write_text(Path(out_dir) / "report.md", render_markdown(report))
+    write_text(Path(out_dir) / "report.md", (render or render_markdown)(report))
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -277,14 +286,21 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
     if report["settings"] is not None:
         lines += ["", "## Settings", "", *(f"- {k}: {v}" for k, v in report["settings"].items())]
-    if report["missing_images"]:
-        lines += ["", f"## Missing images ({report['num_missing']})", ""]
-        lines += [f"- {path}" for path in report["missing_images"][:MAX_LISTED_MISSING]]
-        if report["num_missing"] > MAX_LISTED_MISSING:
-            lines.append(f"- ... and {report['num_missing'] - MAX_LISTED_MISSING} more (see report.json)")
+    lines += missing_section(report)
     if report["files"]["grid"]:
         lines += ["", "## Samples (layout boxes drawn)", "", f"![samples]({report['files']['grid']})"]
     return "\n".join(lines) + "\n"
+
+
+def missing_section(report: dict[str, Any]) -> list[str]:
+    """The markdown lines listing a report's missing images (none when none is missing)."""
+    if not report["missing_images"]:
+        return []
+    lines = ["", f"## Missing images ({report['num_missing']})", ""]
+    lines += [f"- {path}" for path in report["missing_images"][:MAX_LISTED_MISSING]]
+    if report["num_missing"] > MAX_LISTED_MISSING:
+        lines.append(f"- ... and {report['num_missing'] - MAX_LISTED_MISSING} more (see report.json)")
+    return lines
 
 
 def _percent(name: str, value: float) -> str:
@@ -294,8 +310,13 @@ def _percent(name: str, value: float) -> str:
     return "n/a" if value < 0 else f"{100 * value:.1f}"
 
 
-def _sample(image: Image.Image, layout: Any, size: int = 256) -> Image.Image:
+def thumbnail(image: Image.Image, size: int = 256) -> Image.Image:
+    """A copy of `image` fitting in `size` x `size`, for the samples grid."""
+    small = image.copy()
+    small.thumbnail((size, size))
+    return small
+
+
+def _sample(image: Image.Image, layout: Any) -> Image.Image:
     """A thumbnail of `image` with the layout's boxes and phrases drawn."""
-    thumbnail = image.copy()
-    thumbnail.thumbnail((size, size))
-    return draw_layout(thumbnail, layout)
+    return draw_layout(thumbnail(image), layout)
