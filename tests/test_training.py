@@ -427,6 +427,18 @@ def test_gate_lr_scale_moves_only_the_gates_faster(setup):
     assert all(moved[10][k] == pytest.approx(moved[1][k], rel=1e-4) for k in moved[1] if k not in gates)
 
 
+def test_gate_init_opens_the_attention_gates_of_a_fresh_adapter(setup, capsys):
+    """model.gate_init is the tanh of every fresh attention gate; the dense gates stay 0; 0 is GLIGEN's closed start."""
+    closed = adapter_tensors(Trainer(config(setup, "gates_closed")))
+    opened = adapter_tensors(Trainer(config(setup, "gates_open", "model.gate_init=0.5")))
+    attn = [k for k in opened if k.endswith("alpha_attn")]
+    assert attn and all(torch.tanh(opened[k]).item() == pytest.approx(0.5) and closed[k].item() == 0 for k in attn)
+    assert all(opened[k].item() == 0 for k in opened if k.endswith("alpha_dense"))
+    assert all(torch.equal(opened[k], closed[k]) for k in opened if not k.endswith("alpha_attn"))  # same init otherwise
+    with pytest.raises(UserError, match=r"config key model.gate_init must be in \(-1, 1\)"):
+        config(setup, "gates_bad", "model.gate_init=1")
+
+
 def test_two_launched_processes_train_checkpoint_and_resume_exactly(setup, tmp_path):
     """`accelerate launch` with 2 processes: a run stopped at a checkpoint and rerun ends where a straight run does."""
     shards = tmp_path / "shards"  # 2 readers: each process reads every other shard

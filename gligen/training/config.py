@@ -41,6 +41,10 @@ class ModelConfig:
     condition_resize_input: int = 256  # the map tokenizer's input side (official: 256 at 512 px, 64 tokens)
     image_encoder: str | None = None  # CLIP model (vision + text projection) for text-image-box
     adapter: str | None = None  # start from this adapter directory instead of a fresh one
+    # tanh of a fresh adapter's attention gates (GLIGEN: 0, so attaching changes nothing). A small base trained
+    # from scratch grounds far sooner with them open: the demo's adapter gained 2.2% loss from the boxes at 500
+    # steps with 0.5, 4e-5 with 0.
+    gate_init: float = 0.0
 
 
 @dataclass
@@ -120,6 +124,7 @@ class TrainConfig:
             (0 <= self.data.caption_drop <= 1, "data.caption_drop", "must be in [0, 1]"),
             (0 <= self.data.style_prob <= 1, "data.style_prob", "must be in [0, 1]"),
             (self.model.max_persons >= 1, "model.max_persons", "must be at least 1"),
+            (-1 < self.model.gate_init < 1, "model.gate_init", "must be in (-1, 1) (it is a tanh)"),
             (self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "must be in (0, 1)"),
             (self.data.resolution % 8 == 0 and self.data.resolution > 0, "data.resolution", "must be a positive multiple of 8"),
             (0 <= self.data.min_box_area < 1, "data.min_box_area", "must be in [0, 1)"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -80,7 +81,8 @@ def load_image_side(name: str) -> tuple[nn.Linear, nn.Module, Any]:
 
 
 def make_adapter(config: TrainConfig, base: FrozenBase) -> GroundingAdapter:
-    """A fresh adapter for the base UNet (zero gates), or the one named by `model.adapter`.
+    """A fresh adapter for the base UNet (attention gates at tanh = `model.gate_init`, dense gates 0), or the one
+    named by `model.adapter`.
 
     Its config records the number of grounding slots this run trains with (`data.max_entities`).
     """
@@ -97,6 +99,11 @@ def make_adapter(config: TrainConfig, base: FrozenBase) -> GroundingAdapter:
             inpaint=config.model.inpaint, image_embed_dim=image_dim, base_model=config.model.base, condition=condition,
             max_persons=config.model.max_persons if config.model.feature_type == "keypoint" else None,
         )
+        if config.model.gate_init:
+            with torch.no_grad():
+                for name, gate in adapter.named_parameters():
+                    if name.endswith("alpha_attn"):
+                        gate.fill_(math.atanh(config.model.gate_init))
         if backbone is not None:
             adapter.map_tokenizer.convnext_tiny_backbone.load_state_dict(backbone.state_dict())
         if adapter.image_projection is not None:
