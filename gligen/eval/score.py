@@ -128,8 +128,9 @@ def above(detections: Any, threshold: float) -> Any:
     from detector.detect import Detections
 
     keep = detections.scores > threshold
+    masks = None if detections.masks is None else detections.masks[keep]
     return Detections(detections.boxes[keep], detections.scores[keep], detections.phrase_ids[keep],
-                      detections.phrases, detections.image_size)
+                      detections.phrases, detections.image_size, masks)
 
 
 def score_images(
