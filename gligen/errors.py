@@ -165,6 +165,7 @@ def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) 
             warnings.showwarning = _warning_line(parser.prog)
             _check_outputs(args)
             args.func(args)
+        _leave_process_group()
         return 0
     except (KeyboardInterrupt, Terminated, Exception) as error:
         if debug:
@@ -174,6 +175,18 @@ def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) 
         return status
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group of a launched run that ended well, before the interpreter exits.
+
+    Left to exit, gloo's threads can abort a process that finished its work ("terminate called
+    without an active exception", exit -6), which fails the whole launch. Only after success:
+    after an error, another process may still wait in a collective that shutting down would join.
+    """
+    distributed = sys.modules.get("torch.distributed")  # only a command that loaded torch can have one
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 def _status_and_line(error: BaseException) -> tuple[int, str]:
