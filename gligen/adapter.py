@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from gligen.bundled import looks_like_repo_id
 from gligen.errors import UserError
 from gligen.files import atomic_path, read_json, write_json
 from gligen.fuser import GatedSelfAttention, attach_fusers, block_shape, detach_fusers, transformer_blocks
@@ -388,7 +389,7 @@ def adapter_files(source: str | os.PathLike, revision: str | None = None, subfol
     """The local directory holding an adapter's config and weights: `source` itself, or the hub cache's copy
     of repository `source` (downloaded unless offline). A UserError names what is missing."""
     local = Path(source) / (subfolder or "")
-    if local.is_dir() or Path(source).exists() or not _looks_like_repo_id(str(source)):
+    if local.is_dir() or Path(source).exists() or not looks_like_repo_id(str(source)):
         if not (local / CONFIG_NAME).is_file() or not (local / WEIGHTS_NAME).is_file():
             raise UserError(f"{local}: not an adapter directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
         return local
@@ -402,11 +403,6 @@ def adapter_files(source: str | os.PathLike, revision: str | None = None, subfol
         at = f" at revision {revision}" if revision else ""
         raise UserError(f"{source}{at}: cannot load an adapter from the hub ({str(error).splitlines()[0]})") from None
     return Path(paths[0]).parent
-
-
-def _looks_like_repo_id(name: str) -> bool:
-    """'owner/name' (or 'name'): one slash at most, no path syntax."""
-    return name.count("/") <= 1 and not name.startswith((".", "/", "~")) and "\\" not in name
 
 
 @dataclass

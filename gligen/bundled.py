@@ -34,6 +34,12 @@ def resolve_model(name: str, kind: str = "base") -> str:
     return str(path)
 
 
+def looks_like_repo_id(name: str) -> bool:
+    """'owner/name' (or 'name'): one slash at most, no path syntax; what to look up on the hub when no such
+    local path exists."""
+    return name.count("/") <= 1 and not name.startswith((".", "/", "~")) and "\\" not in name
+
+
 def native_size(name: str) -> int | None:
     """The image side a local diffusers model (or `"demo"`) makes by default: UNet sample size x VAE factor.
 

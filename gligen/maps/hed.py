@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from gligen.bundled import looks_like_repo_id
 from gligen.errors import UserError
 
 WEIGHTS_NAME = "ControlNetHED.pth"
@@ -100,7 +101,7 @@ def _weights_path(source: str | os.PathLike) -> Path:
         if not (path / WEIGHTS_NAME).is_file():
             raise UserError(f"{path}: no {WEIGHTS_NAME} in this directory (ControlNet's HED network)")
         return path / WEIGHTS_NAME
-    if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+    if path.exists() or not looks_like_repo_id(str(source)):
         raise UserError(f"{source}: no such HED weights file or directory")
     from huggingface_hub import hf_hub_download
 
