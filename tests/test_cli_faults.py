@@ -599,6 +599,28 @@ def test_an_unexpected_error_is_one_line_unless_debugging(how, capsys, monkeypat
         assert "Traceback (most recent call last)" in err and 'raise ValueError("something nobody expected' in err
 
 
+def test_a_command_that_ends_well_leaves_its_process_group(tmp_path):
+    """A launched run's process group is destroyed before exit (left to exit, gloo's threads can abort the process)."""
+    import argparse
+
+    import torch.distributed as dist
+
+    from gligen.errors import run_cli
+
+    for command, status, left in (("fine", 0, True), ("broken", 1, False)):
+        parser = argparse.ArgumentParser(prog="gligen")
+        subparsers = parser.add_subparsers()
+        subparsers.add_parser("fine").set_defaults(func=lambda args: dist.barrier())
+        subparsers.add_parser("broken").set_defaults(func=lambda args: 1 / 0)
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / command}", rank=0, world_size=1)
+        try:
+            assert run_cli(parser, [command]) == status
+            assert dist.is_initialized() is not left  # after an error another process may wait in a collective
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
 def test_os_errors_are_described_in_words():
     from gligen.errors import describe_os_error
 
