@@ -48,9 +48,10 @@ def draw_boxes(
         color = (colors or PALETTE)[i % len(colors or PALETTE)]
         draw.rectangle([x0, y0, x1, y1], outline=color, width=width)
         tx0, ty0, tx1, ty1 = draw.textbbox((x0, y0), label, font=font)
+        tx = max(0.0, min(x0, w - (tx1 - tx0) - 4))  # a box at the right edge keeps its whole label in the image
         ty = max(0.0, y0 - (ty1 - ty0) - 2)
-        draw.rectangle([x0, ty, x0 + (tx1 - tx0) + 4, ty + (ty1 - ty0) + 2], fill=color)
-        draw.text((x0 + 2, ty), label, fill=(255, 255, 255), font=font)
+        draw.rectangle([tx, ty, tx + (tx1 - tx0) + 4, ty + (ty1 - ty0) + 2], fill=color)
+        draw.text((tx + 2, ty), label, fill=(255, 255, 255), font=font)
         if keypoints is not None and i < len(keypoints) and keypoints[i] is not None:
             _skeleton(draw, keypoints[i], w, h, color, width)
     return out

@@ -191,3 +191,8 @@ def test_small_images_are_enlarged_whole_before_boxes_are_drawn():
         assert tuple(overlay[200, 250]) == tuple(pixels[7, 9])
     large = Image.new("RGB", (300, 256))
     assert draw_boxes(large, [], []).size == (300, 256)
+
+    label = "a label much wider than its box"
+    overlay = np.asarray(draw_boxes(large, [(280, 100, 299, 150)], [label], normalized=False))
+    filled = np.flatnonzero((overlay[:100] == PALETTE[0]).all(-1).any(0))  # columns of the label's background
+    assert filled.max() == 299 and filled.min() < 280 - 100  # ends at the right edge, starts well left of the box
