@@ -239,6 +239,32 @@ def test_inpaint_mode_trains_extra_channels_and_gradient_checkpointing_agrees(se
     assert trainer.adapter.conv_in_extra.abs().sum() > 0
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_x0_loss_weighting_is_the_error_of_the_implied_clean_latents(setup, prediction_type):
+    trainer = Trainer(config(setup, f"x0_{prediction_type}", "loss_weighting=x0", "grounding_drop=0"))
+    trainer.noise_scheduler.register_to_config(prediction_type=prediction_type)
+    batch = next(iter(ShardDataset(trainer.config.data, batch_size=4, seed=0)))
+    seen = {}
+    add_noise = trainer.noise_scheduler.add_noise
+
+    def recorded(latents, noise, timesteps):
+        seen.update(latents=latents, timesteps=timesteps, noisy=add_noise(latents, noise, timesteps))
+        return seen["noisy"]
+
+    trainer.noise_scheduler.add_noise = recorded
+    trainer.model.register_forward_hook(lambda module, inputs, output: seen.update(prediction=output.detach()))
+    with torch.no_grad():
+        weighted = trainer.loss(batch).item()
+    a = trainer.noise_scheduler.alphas_cumprod[seen["timesteps"]].view(-1, 1, 1, 1)
+    x_t, prediction = seen["noisy"], seen["prediction"]
+    if prediction_type == "epsilon":
+        clean = (x_t - (1 - a).sqrt() * prediction) / a.sqrt()
+    else:
+        clean = a.sqrt() * x_t - (1 - a).sqrt() * prediction
+    assert seen["timesteps"].unique().numel() > 1
+    assert weighted == pytest.approx((clean - seen["latents"]).pow(2).mean().item(), rel=1e-4)
+
+
 # --- cached encodings ----------------------------------------------------------------------------------------------
 
 

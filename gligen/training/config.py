@@ -108,6 +108,10 @@ class TrainConfig:
     # [first, end) of the training timesteps, sampled uniformly; null: all. Scheduled sampling turns the
     # fusers off in the last (least noisy) steps, so an adapter for schedule [0.3, 0, 0.7] needs the noisy ones.
     timestep_range: list[int] | None = None
+    # "none": the MSE of the UNet's own prediction (noise or velocity), as GLIGEN trains. "x0": the MSE of the
+    # clean latents that prediction implies, i.e. each sample weighted by its noise-to-signal ratio: it stresses
+    # the noisiest steps, where the layout is decided and the prediction's own error barely shows it.
+    loss_weighting: Literal["none", "x0"] = "none"
     trust_pickle: bool = False  # resume from state files that need code to load (`--trust-pickle`)
     report_to: str | list[str] = "tensorboard"  # accelerate trackers (tensorboard, wandb, ...), "all" or "none"
     model: ModelConfig = field(default_factory=ModelConfig)

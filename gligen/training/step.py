@@ -5,7 +5,7 @@
                        [+ map_tokenizer(map)]      (map adapters)
                        (null for `grounding_drop` of the samples)
     loss = || UNet(x_t [, masked latents, mask | , downsampler(map)], t, caption embeddings, tokens) - noise ||^2
-           (or - velocity)
+           (or - velocity; loss_weighting x0: each sample's error weighted into that of the clean latents)
 
 On SDXL the UNet also gets the caption's pooled embedding and the time ids of the crop: the
 image's original size, the crop's top-left corner and the training resolution.
@@ -50,11 +50,19 @@ def loss(trainer: Trainer, batch: TrainingBatch | Mapping[str, Any], grounding_d
         ids = time_ids(batch.original_sizes, batch.crops_top_left, resolution).to(trainer.device)
     with trainer.accelerator.autocast():
         prediction = trainer.model(model_input.to(trainer.weight_dtype), timesteps, text, grounding, ids)
-    if trainer.noise_scheduler.config.prediction_type == "v_prediction":
-        target = trainer.noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    return F.mse_loss(prediction.float(), target.float())
+    velocity = trainer.noise_scheduler.config.prediction_type == "v_prediction"
+    target = trainer.noise_scheduler.get_velocity(latents, noise, timesteps) if velocity else noise
+    if trainer.config.loss_weighting == "none":
+        return F.mse_loss(prediction.float(), target.float())
+    errors = (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, prediction.ndim)))
+    return (errors * x0_weights(trainer.noise_scheduler.alphas_cumprod, timesteps, velocity)).mean()
+
+
+def x0_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, velocity: bool) -> torch.Tensor:
+    """(B,) weights that turn the squared error of a noise (or velocity) prediction into that of the clean
+    latents it implies: x0 = (x_t - sqrt(1 - a) eps) / sqrt(a), x0 = sqrt(a) x_t - sqrt(1 - a) v (a: alpha-bar)."""
+    a = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return 1 - a if velocity else (1 - a) / a
 
 
 def _encode(trainer: Trainer, kind: str, keys: list[str], fn: Callable[[list[int]], tuple[torch.Tensor, ...]]
