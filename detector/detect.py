@@ -79,11 +79,11 @@ class OpenSetDetector:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return self.model.dtype
 
     @torch.inference_mode()
     def detect(

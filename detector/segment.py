@@ -62,11 +62,11 @@ class Segmenter:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return self.model.dtype
 
     @torch.inference_mode()
     def segment(self, images: Sequence[Image.Image], boxes: Sequence[torch.Tensor], batch_size: int = 8,
