@@ -55,6 +55,8 @@ class AdapterConfig:
     GLIGEN-XL: the first encoder's pooled output and the second's projected `text_embeds`).
     `condition` a map condition's networks (`gligen.maps.nets.MapConfig`); its downsampler's
     channels are then the extra input channels. `feature_type` None: no entity grounding (a map only).
+    `visual_positions`: the fusers add Fourier features of each visual token's place to their attention
+    input (`gligen.fuser`; not in official GLIGEN, so such an adapter exports to neither diffusers nor ComfyUI).
     """
 
     blocks: dict[str, tuple[int, int, int]]
@@ -69,6 +71,7 @@ class AdapterConfig:
     max_persons: int | None = None
     phrase_embedding: str = "pooler_output"
     condition: MapConfig | None = None
+    visual_positions: bool = False
 
     def __post_init__(self):
         if isinstance(self.condition, dict):
@@ -114,6 +117,7 @@ class AdapterConfig:
             "extra_in_channels": (lambda v: _positive(v) or v == 0 and not isinstance(v, bool), "0 or a positive integer"),
             "base_model": (lambda v: v is None or isinstance(v, str), "a string or null"),
             "max_persons": (lambda v: v is None or _positive(v), "a positive integer or null"),
+            "visual_positions": (lambda v: isinstance(v, bool), "true or false"),
         }
         for key, (valid, wanted) in checks.items():
             if key in data and not valid(data[key]):
@@ -176,7 +180,8 @@ class GroundingAdapter(nn.Module):
             self.position_net = net(config.positive_len, config.cross_attention_dim, config.fourier_freqs)
         self.block_paths = list(config.blocks)
         self.fusers = nn.ModuleList(
-            GatedSelfAttention(dim, config.cross_attention_dim, heads, head_dim)
+            GatedSelfAttention(dim, config.cross_attention_dim, heads, head_dim,
+                               position_freqs=config.fourier_freqs if config.visual_positions else 0)
             for dim, heads, head_dim in config.blocks.values()
         )
         self.image_projection = None
@@ -269,16 +274,20 @@ class GroundingAdapter(nn.Module):
         """`tokens`: a module call, so that offloading hooks bring the position net to the device."""
         return self.tokens(inputs)
 
-    def cross_attention_kwargs(self, tokens: torch.Tensor, scale: float = 1.0, extra: dict | None = None) -> dict | None:
+    def cross_attention_kwargs(self, tokens: torch.Tensor, scale: float = 1.0, extra: dict | None = None,
+                               latent_size: tuple[int, int] | None = None) -> dict | None:
         """The UNet's `cross_attention_kwargs` for this step at fuser scale `scale` (plus the user's `extra`, e.g.
         {"scale": a LoRA scale}); without grounding at scale 0, so that the fusers cost nothing.
 
-        The scale is written into the fusers' scale buffers in place (see `GatedSelfAttention`).
+        The scale (and the UNet input's (h, w) `latent_size`, which visual positions need) is written into
+        the fusers in place (see `GatedSelfAttention`).
         """
         if scale == 0:
             return extra or None
         for fuser in self.fusers:
             fuser.set_scale(scale)
+            if latent_size is not None:
+                fuser.set_latent_size(latent_size)
         return {**(extra or {}), "gligen": {"objs": tokens}}
 
     def check_fits(self, unet: nn.Module) -> None:

@@ -30,9 +30,17 @@ TARGETS = ("diffusers", "comfyui")
 ATTENTION_TYPES = {"text-box": "gated", "text-image-box": "gated-text-image"}
 
 
+def check_official_fusers(adapter: GroundingAdapter, target: str) -> None:
+    """Raise a UserError when the adapter's fusers are not GLIGEN's (visual positions): `target` has no place for them."""
+    if adapter.config.visual_positions:
+        raise UserError(f"{target} has no place for this adapter's visual positions (visual_positions: true is "
+                        "not official GLIGEN); use it with gligen's own pipeline")
+
+
 def gligen_unet(adapter: GroundingAdapter, unet: UNet2DConditionModel) -> UNet2DConditionModel:
     """A diffusers GLIGEN UNet: `unet`'s weights plus the adapter's fusers and position net (and, for an
     inpainting adapter on a 4-channel base, its extra input channels appended to conv_in)."""
+    check_official_fusers(adapter, "diffusers' GLIGEN UNet")
     config = dict(unet.config)
     cross = config["cross_attention_dim"]
     if not isinstance(cross, int) or adapter.config.positive_len != cross:
@@ -117,6 +125,7 @@ def ldm_block_paths(unet_config: dict) -> dict[str, str]:
 
 def comfyui_state_dict(adapter: GroundingAdapter, unet_config: dict) -> dict[str, torch.Tensor]:
     """The adapter's position net and fusers under official GLIGEN's LDM names (ComfyUI's GLIGEN file)."""
+    check_official_fusers(adapter, "ComfyUI's GLIGENLoader")
     if adapter.config.feature_type != "text-box" or adapter.config.extra_in_channels:
         raise UserError("ComfyUI's GLIGENLoader reads text-box adapters without extra input channels only; this one is "
                         f"{adapter.config.feature_type}" + (" inpainting" if adapter.config.extra_in_channels else ""))

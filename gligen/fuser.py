@@ -6,7 +6,10 @@ In every transformer block, after self-attention and before cross-attention:
     x = x + s * tanh(alpha_dense) * FF(LN(x))
 
 with both gates zero-initialised, so a fresh fuser changes nothing, and `s` the
-scheduled-sampling scale of the current step. diffusers' `BasicTransformerBlock` already
+scheduled-sampling scale of the current step. With visual positions (an option, not in GLIGEN),
+the attention's visual input is `x + Linear(Fourier(token centre))`, the Linear zero-initialised:
+the tokens say where they are, in the boxes' own Fourier basis. A large UNet's features carry their
+position (GLIGEN relies on it); a small base's barely do at high noise, where the layout is decided. diffusers' `BasicTransformerBlock` already
 calls `block.fuser(x, tokens)` at that point when the UNet is given
 `cross_attention_kwargs={"gligen": {...}}`; attaching sets `block.fuser` and nothing else
 of the block, so the base parameters are never touched.
@@ -18,6 +21,8 @@ import torch
 from diffusers.models.attention import BasicTransformerBlock, GatedSelfAttentionDense
 from torch import nn
 
+from gligen.grounding import fourier_embed
+
 
 class GatedSelfAttention(GatedSelfAttentionDense):
     """diffusers' gated self-attention with a scheduled-sampling `scale`; same parameters and names.
@@ -25,21 +30,53 @@ class GatedSelfAttention(GatedSelfAttentionDense):
     x (B, n_visual, dim), tokens (B, n_tokens, context_dim) -> (B, n_visual, dim).
 
     `scale` is a 0-dim buffer (not saved) changed in place by `set_scale`: a compiled UNet reads
-    it as an input, so a changing schedule causes no recompilation.
+    it as an input, so a changing schedule causes no recompilation. `position_freqs` > 0 adds the
+    visual positions (`position`, zero-initialised); they need the UNet input's latent size, given
+    by `set_latent_size` before each call.
     """
 
-    def __init__(self, query_dim: int, context_dim: int, n_heads: int, d_head: int):
+    def __init__(self, query_dim: int, context_dim: int, n_heads: int, d_head: int, position_freqs: int = 0):
         super().__init__(query_dim, context_dim, n_heads, d_head)
         self.register_buffer("scale", torch.ones(()), persistent=False)
+        self.position_freqs = position_freqs
+        self.position = None
+        self.latent_size: tuple[int, int] | None = None
+        if position_freqs:
+            self.position = nn.Linear(4 * position_freqs, query_dim)
+            nn.init.zeros_(self.position.weight)
+            nn.init.zeros_(self.position.bias)
 
     def set_scale(self, value: float) -> None:
         self.scale.fill_(value)
 
+    def set_latent_size(self, size: tuple[int, int]) -> None:
+        self.latent_size = (int(size[0]), int(size[1]))
+
     def forward(self, x: torch.Tensor, objs: torch.Tensor) -> torch.Tensor:
         n_visual = x.shape[1]
         objs = self.linear(objs)
-        x = x + self.scale * self.alpha_attn.tanh() * self.attn(self.norm1(torch.cat([x, objs], dim=1)))[:, :n_visual]
+        visual = x
+        if self.position is not None:
+            if self.latent_size is None:
+                raise ValueError("a fuser with visual positions needs the latent size: pass latent_size to "
+                                 "GroundingAdapter.cross_attention_kwargs")
+            centres = token_centres(n_visual, self.latent_size).to(x.device, x.dtype)
+            visual = x + self.position(fourier_embed(centres[None], self.position_freqs))
+        x = x + self.scale * self.alpha_attn.tanh() * self.attn(self.norm1(torch.cat([visual, objs], dim=1)))[:, :n_visual]
         return x + self.scale * self.alpha_dense.tanh() * self.ff(self.norm2(x))
+
+
+def token_centres(n: int, latent_size: tuple[int, int]) -> torch.Tensor:
+    """(n, 2) normalized (x, y) centres of a transformer block's n visual tokens, on a UNet input of
+    `latent_size` (h, w): the level whose h * w is n (each downsampling halves a side, rounding up),
+    in the row-major order in which diffusers flattens (B, C, h, w) feature maps into tokens."""
+    h, w = latent_size
+    while h * w > n and (h, w) != (1, 1):
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != n:
+        raise ValueError(f"{n} visual tokens are no level of a {latent_size[0]}x{latent_size[1]} latent")
+    ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], dim=-1)
 
 
 class PrecomputedTokens(nn.Module):

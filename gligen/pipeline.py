@@ -652,7 +652,8 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
             if map_channels is not None and scales[step] > 0:  # at scale 0 the base's first conv alone, as official
                 model_input = torch.cat([model_input, map_channels.to(self.unet.dtype)], dim=1)
             if tokens is not None:
-                kwargs = self.adapter.cross_attention_kwargs(tokens, scales[step], extra_kwargs)
+                kwargs = self.adapter.cross_attention_kwargs(tokens, scales[step], extra_kwargs,
+                                                             latent_size=latents.shape[2:])
             else:
                 kwargs = extra_kwargs or None
             noise_pred = self.unet(model_input, t, cross_attention_kwargs=kwargs, **unet_kwargs, **residuals).sample

@@ -38,7 +38,7 @@ class GroundedUNet(nn.Module):
     def forward(self, sample, timesteps, prompt: PromptEmbeds, grounding: GroundingInputs,
                 time_ids: torch.Tensor | None = None) -> torch.Tensor:
         tokens = self.adapter.tokens(grounding)
-        kwargs = self.adapter.cross_attention_kwargs(tokens, 1.0)
+        kwargs = self.adapter.cross_attention_kwargs(tokens, 1.0, latent_size=sample.shape[2:])
         channels = self.adapter.map_channels(grounding, sample.shape[2:])
         if channels is not None:  # the map's channels, whether or not its tokens are dropped (as official GLIGEN)
             sample = torch.cat([sample, channels.to(sample.dtype)], dim=1)
@@ -98,6 +98,7 @@ def make_adapter(config: TrainConfig, base: FrozenBase) -> GroundingAdapter:
             base.unet, config.model.feature_type, positive_len=base.prompt_encoder().phrase_dim,
             inpaint=config.model.inpaint, image_embed_dim=image_dim, base_model=config.model.base, condition=condition,
             max_persons=config.model.max_persons if config.model.feature_type == "keypoint" else None,
+            visual_positions=config.model.visual_positions,
         )
         if config.model.gate_init:
             with torch.no_grad():
