@@ -1,14 +1,15 @@
 """Seconds per image: plain SD, our GLIGEN pipeline (eager and `pipe.compile()`d), diffusers' deprecated GLIGEN
 pipeline, in one run.
 
-    python benchmarks/generate.py [--out generate_benchmark.json] [--repeats 3] [--tiny]
+    python benchmarks/generate.py [--out generate_benchmark.json] [--repeats 3] [--tiny | --demo]
 
 With CUDA: random weights in the real SD-1.4 shapes (UNet, VAE, CLIP ViT-L/14 text encoder, built from
 configs in code; nothing is downloaded; speed does not depend on the weight values), fp16,
 512x512, 50 DDIM steps, guidance 7.5, batch 1 and 4, PyTorch SDPA attention. Ours and diffusers'
 share every weight: our base UNet and adapter are diffusers' gated UNet split in two.
 Without CUDA (or with --tiny) the tiny test components stand in (fp32, 32x32) so the script can be
-checked anywhere; those figures say nothing about GPU speed.
+checked anywhere; those figures say nothing about GPU speed. `--demo` times the bundled demo model (base and
+adapter, fp32, its native size, on the CPU): ours eager and compiled only.
 
 Prints a table and writes the figures as JSON.
 """
@@ -35,6 +36,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gligen.bundled import native_size, resolve_model  # noqa: E402
 from gligen.convert import split_gligen_unet  # noqa: E402
 from gligen.layout import Entity, Layout  # noqa: E402
 from gligen.pipeline import GligenPipeline  # noqa: E402
@@ -47,6 +49,12 @@ ENTITIES = (
     Entity("a dog", (0.5, 0.35, 0.95, 0.95)),
     Entity("a lamp", (0.05, 0.05, 0.25, 0.45)),
     Entity("a window", (0.4, 0.05, 0.9, 0.35)),
+)
+DEMO_PROMPT = "a red circle, a blue star and a yellow square on a gray background"  # the demo's 32-token vocabulary
+DEMO_ENTITIES = (
+    Entity("a red circle", (0.06, 0.08, 0.42, 0.44)),
+    Entity("a blue star", (0.56, 0.10, 0.94, 0.48)),
+    Entity("a yellow square", (0.32, 0.56, 0.66, 0.90)),
 )
 BETAS = (0.3, 1.0)
 
@@ -94,8 +102,18 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype, workdir: Path) -
     return {"plain SD": plain, "diffusers GLIGEN": reference, "ours": ours, "ours compiled": compiled}
 
 
-def runner(name: str, pipe, beta: float | None, batch: int, size: int, steps: int):
-    """A no-argument function generating one batch with the given settings."""
+def build_demo() -> dict:
+    """The bundled demo model on the CPU: {'ours', 'ours compiled'} (each its own copy: compiling works in place)."""
+    def load() -> GligenPipeline:
+        pipe = GligenPipeline.from_pretrained(resolve_model("demo"), adapter=resolve_model("demo", "adapter"))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return {"ours": load(), "ours compiled": load().compile()}
+
+
+def runner(name: str, pipe, beta: float | None, batch: int, size: int, steps: int, demo: bool = False):
+    """A no-argument function generating one batch with the given settings (the demo's scene with `demo`)."""
     common = dict(num_inference_steps=steps, guidance_scale=7.5, output_type="np")
     if name == "plain SD":
         return lambda: pipe([PROMPT] * batch, height=size, width=size, **common)
@@ -104,7 +122,8 @@ def runner(name: str, pipe, beta: float | None, batch: int, size: int, steps: in
             [PROMPT] * batch, height=size, width=size, gligen_phrases=[e.phrase for e in ENTITIES],
             gligen_boxes=[list(e.box) for e in ENTITIES], gligen_scheduled_sampling_beta=beta, **common,
         )
-    layouts = [Layout(PROMPT, ENTITIES, width=size, height=size, seed=i) for i in range(batch)]
+    prompt, entities = (DEMO_PROMPT, DEMO_ENTITIES) if demo else (PROMPT, ENTITIES)
+    layouts = [Layout(prompt, entities, width=size, height=size, seed=i) for i in range(batch)]
     return lambda: pipe(layouts, schedule=schedule_from_beta(beta), **common)
 
 
@@ -129,19 +148,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--tiny", action="store_true", help="tiny CPU config even when CUDA is present")
+    parser.add_argument("--demo", action="store_true", help="the bundled demo model on the CPU (eager vs compiled)")
     args = parser.parse_args()
 
-    tiny = args.tiny or not torch.cuda.is_available()
+    tiny = args.tiny or args.demo or not torch.cuda.is_available()
     device = torch.device("cpu" if tiny else "cuda")
     dtype = torch.float32 if tiny else torch.float16
-    size = 32 if tiny else 512
+    size = native_size("demo") if args.demo else 32 if tiny else 512
     with tempfile.TemporaryDirectory() as workdir, torch.no_grad():
-        pipelines = build(tiny, device, dtype, Path(workdir))
+        pipelines = build_demo() if args.demo else build(tiny, device, dtype, Path(workdir))
         rows = []
         for batch in (1, 4):
             for name, pipe in pipelines.items():
                 for beta in (None,) if name == "plain SD" else BETAS:
-                    run = runner(name, pipe, beta, batch, size, args.steps)
+                    run = runner(name, pipe, beta, batch, size, args.steps, args.demo)
                     seconds = seconds_per_image(run, batch, args.repeats, device)
                     rows.append({"pipeline": name, "beta": beta, "batch": batch, "seconds_per_image": seconds})
                     print(f"{name:>17}  beta {str(beta):>4}  batch {batch}  {seconds:8.3f} s/image", flush=True)
@@ -152,22 +172,21 @@ def main() -> None:
 
     comparisons = [
         {"beta": beta, "batch": batch,
-         "ours_over_diffusers": figure("ours", beta, batch) / figure("diffusers GLIGEN", beta, batch),
+         "ours_over_diffusers": None if args.demo else figure("ours", beta, batch) / figure("diffusers GLIGEN", beta, batch),
          "compiled_over_eager": figure("ours compiled", beta, batch) / figure("ours", beta, batch)}
         for batch in (1, 4) for beta in BETAS
     ]
-    print(f"\n{'batch':>5} {'beta':>5} {'plain SD':>10} {'diffusers':>10} {'ours':>10} {'compiled':>10} "
-          f"{'ours/diff':>10} {'comp/eager':>10}")
+    print(f"\n{'batch':>5} {'beta':>5} {'ours':>10} {'compiled':>10} {'comp/eager':>10} {'ours/diff':>10}")
     for c in comparisons:
         b, beta = c["batch"], c["beta"]
-        print(f"{b:>5} {beta:>5} {figure('plain SD', None, b):>10.3f} {figure('diffusers GLIGEN', beta, b):>10.3f} "
-              f"{figure('ours', beta, b):>10.3f} {figure('ours compiled', beta, b):>10.3f} "
-              f"{c['ours_over_diffusers']:>10.3f} {c['compiled_over_eager']:>10.3f}")
+        over_diffusers = "" if c["ours_over_diffusers"] is None else f"{c['ours_over_diffusers']:>10.3f}"
+        print(f"{b:>5} {beta:>5} {figure('ours', beta, b):>10.3f} {figure('ours compiled', beta, b):>10.3f} "
+              f"{c['compiled_over_eager']:>10.3f} {over_diffusers}")
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "config": "tiny test components" if tiny else "SD-1.4 shapes, random weights",
+        "config": "bundled demo model" if args.demo else "tiny test components" if tiny else "SD-1.4 shapes, random weights",
         "dtype": str(dtype).removeprefix("torch."), "size": size, "steps": args.steps, "guidance": 7.5,
-        "scheduler": "DDIMScheduler", "attention": "sdpa", "entities": len(ENTITIES), "repeats": args.repeats,
+        "scheduler": "DDIMScheduler", "attention": "sdpa", "entities": len(DEMO_ENTITIES if args.demo else ENTITIES), "repeats": args.repeats,
         "results": rows, "comparisons": comparisons,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
