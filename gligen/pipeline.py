@@ -55,7 +55,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from gligen.adapter import GroundingAdapter
-from gligen.base import FrozenBase, keep_sdxl_vae_in_fp32, load_component, load_image_encoder, model_index
+from gligen.base import FrozenBase, is_sdxl, keep_sdxl_vae_in_fp32, load_component, load_image_encoder, model_index
 from gligen.bundled import DEMO, resolve_model
 from gligen.errors import UserError
 from gligen.files import open_image, write_json
@@ -415,13 +415,19 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
     @classmethod
     def from_single_file(cls, path: str, adapter: str | GroundingAdapter | None = None, **kwargs) -> GligenPipeline:
         """A community SD-1.x / SDXL single-file checkpoint (.safetensors), loaded by diffusers' own single-file
-        loader (`config=` a local diffusers pipeline directory keeps it offline), with an adapter attached."""
+        loader (`config=` a local diffusers pipeline directory keeps it offline), with an adapter attached.
+
+        SD or SDXL: that of the `config` pipeline (its model_index.json: SDXL has a second text encoder), else
+        inferred by diffusers from the checkpoint's keys and shapes (which knows the released models only).
+        """
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
 
-        checkpoint = load_single_file_checkpoint(path)
-        model_type = infer_diffusers_model_type(checkpoint)
-        reference = StableDiffusionXLPipeline if model_type.startswith("xl") else StableDiffusionPipeline
+        if kwargs.get("config") is not None:
+            sdxl = is_sdxl(model_index(kwargs["config"]))
+        else:
+            sdxl = infer_diffusers_model_type(load_single_file_checkpoint(path)).startswith("xl")
+        reference = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
         loaded = reference.from_single_file(path, safety_checker=None, requires_safety_checker=False, **kwargs)
         if isinstance(adapter, str):
             adapter = GroundingAdapter.from_pretrained(resolve_model(adapter, "adapter"), loaded.unet.dtype)

@@ -90,10 +90,13 @@ class PromptEncoder:
             hidden.append(output.hidden_states[-(clip_skip or 0) - 2])
         return PromptEmbeds(torch.cat(hidden, dim=-1), output.text_embeds)
 
-    @property
-    def phrase_dim(self) -> int:
-        """The size of a phrase embedding: the sum of the encoders' hidden sizes."""
-        return sum(encoder.config.hidden_size for encoder in self.text_encoders)
+    def phrase_dim(self, projected: bool = False) -> int:
+        """The size of a phrase embedding: the sum of the encoders' hidden sizes (`projected`: the second
+        encoder's projection size in place of its hidden size)."""
+        sizes = [encoder.config.hidden_size for encoder in self.text_encoders]
+        if projected and self.is_sdxl:
+            sizes[1] = self.text_encoders[1].config.projection_dim
+        return sum(sizes)
 
     @torch.no_grad()
     def phrases(self, phrases: Sequence[str], projected: bool = False, device: torch.device | None = None

@@ -127,7 +127,8 @@ def ldm_unet(state, levels=2):
               ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
     prefixes = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
                 ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
-                ("mid_block.attentions.0.", "middle_block.1.")]
+                ("mid_block.attentions.0.", "middle_block.1."),
+                ("add_embedding.linear_1.", "label_emb.0.0."), ("add_embedding.linear_2.", "label_emb.0.2.")]  # SDXL
     prefixes += [(f"mid_block.resnets.{j}.", f"middle_block.{2 * j}.") for j in range(2)]
     for i in range(levels):
         for j in range(L):
@@ -179,6 +180,27 @@ def ldm_clip(state):
     out = {"transformer." + ("" if k.startswith("text_model.") else "text_model.") + k: v.clone() for k, v in state.items()}
     out["transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     return out
+
+
+def ldm_open_clip(state):
+    """transformers CLIPTextModelWithProjection names -> OpenCLIP text tower names (SDXL's second text encoder):
+    q, k, v fused into `attn.in_proj_*`, the projection stored transposed (hidden, projection)."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    out = {"token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+           "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+           "text_projection": state.pop("text_projection.weight").T,
+           "ln_final.weight": state.pop("final_layer_norm.weight"), "ln_final.bias": state.pop("final_layer_norm.bias")}
+    for i in sorted({int(key.split(".")[2]) for key in state}):  # the rest are encoder.layers.<i>.*
+        for kind in ("weight", "bias"):
+            out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(
+                [state.pop(f"encoder.layers.{i}.self_attn.{p}_proj.{kind}") for p in "qkv"])
+    names = [("encoder.layers.", "transformer.resblocks."), (".layer_norm1.", ".ln_1."), (".layer_norm2.", ".ln_2."),
+             (".mlp.fc1.", ".mlp.c_fc."), (".mlp.fc2.", ".mlp.c_proj."), (".self_attn.out_proj.", ".attn.out_proj.")]
+    for key, value in state.items():
+        for a, b in names:
+            key = key.replace(a, b)
+        out[key] = value
+    return {k: v.clone().contiguous() for k, v in out.items()}
 
 
 def tiny_gligen_unet(attention_type="gated", in_channels=4):

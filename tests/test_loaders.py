@@ -204,3 +204,43 @@ def test_from_single_file(tmp_path):
     for name in ("unet", "vae", "text_encoder"):
         for key, value in parts[name].state_dict().items():
             torch.testing.assert_close(getattr(ours, name).state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_from_single_file_sdxl(tmp_path):
+    """A tiny SDXL in the original SGM single-file layout. diffusers' inference of the model type reads the released
+    models' key shapes and takes it for SD-1.x; `config=` (a local SDXL pipeline directory) says SDXL."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
+    from safetensors.torch import save_file
+
+    from tests.test_convert import ldm_clip, ldm_open_clip, ldm_unet, ldm_vae
+    from tests.tiny import randomize_grounding, save_tiny_sdxl
+
+    directory = save_tiny_sdxl(tmp_path / "sdxl")
+    parts = StableDiffusionXLPipeline.from_pretrained(directory, add_watermarker=False).components
+    state = {f"model.diffusion_model.{k}": v for k, v in ldm_unet(parts["unet"].state_dict()).items()}
+    state.update({f"first_stage_model.{k}": v for k, v in ldm_vae(parts["vae"].state_dict()).items()})
+    state.update({f"conditioner.embedders.0.{k}": v for k, v in ldm_clip(parts["text_encoder"].state_dict()).items()})
+    state.update({f"conditioner.embedders.1.model.{k}": v
+                  for k, v in ldm_open_clip(parts["text_encoder_2"].state_dict()).items()})
+    path = tmp_path / "sdxl.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
+    assert not infer_diffusers_model_type(load_single_file_checkpoint(str(path))).startswith("xl")
+
+    adapter = GroundingAdapter.for_unet(parts["unet"])
+    randomize_grounding(adapter)
+    adapter.save_pretrained(tmp_path / "adapter")
+    ours = GligenPipeline.from_single_file(str(path), config=str(directory), adapter=str(tmp_path / "adapter"),
+                                           local_files_only=True)
+    assert ours.is_sdxl
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        loaded = getattr(ours, name).state_dict()
+        for key, value in parts[name].state_dict().items():
+            torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=f"{name} {key}")
+
+    expected = GligenPipeline.from_pretrained(str(directory), adapter=str(tmp_path / "adapter"))
+    grounded = ours([_layout()], num_inference_steps=STEPS, output_type="np").images[0]
+    np.testing.assert_allclose(grounded, expected([_layout()], num_inference_steps=STEPS, output_type="np").images[0],
+                               rtol=0, atol=TOLERANCE)
+    plain = GligenPipeline.from_pretrained(str(directory))([_layout()], num_inference_steps=STEPS, output_type="np")
+    assert np.abs(plain.images[0] - grounded).max() > 1e-3  # the adapter grounds

@@ -51,7 +51,7 @@ def test_sdxl_prompt_and_phrase_embeddings(sdxl):
     encoder, encoder_2 = pipe.text_encoder, pipe.text_encoder_2
     phrases = ["a cat", "a red ball"]
     embeds = pipe.prompt_encoder.phrases(phrases)
-    assert embeds.shape == (2, HIDDEN + SDXL_HIDDEN_2) and pipe.prompt_encoder.phrase_dim == SDXL_CROSS
+    assert embeds.shape == (2, HIDDEN + SDXL_HIDDEN_2) and pipe.prompt_encoder.phrase_dim() == SDXL_CROSS
     with torch.no_grad():
         for row, phrase in enumerate(phrases):
             ids = pipe.tokenizer(phrase, return_tensors="pt").input_ids  # one phrase: no padding

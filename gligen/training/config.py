@@ -41,6 +41,9 @@ class ModelConfig:
     condition_resize_input: int = 256  # the map tokenizer's input side (official: 256 at 512 px, 64 tokens)
     image_encoder: str | None = None  # CLIP model (vision + text projection) for text-image-box
     adapter: str | None = None  # start from this adapter directory instead of a fresh one
+    # the phrase feature: each text encoder's pooler_output (GLIGEN), or on SDXL the second encoder's projected
+    # text_embeds in its place (GLIGEN-XL). null: model.adapter's, else pooler_output
+    phrase_embedding: Literal["pooler_output", "projected"] | None = None
     # tanh of a fresh adapter's attention gates (GLIGEN: 0, so attaching changes nothing). On a small base trained
     # from scratch the adapter uses the boxes far sooner with them open: the demo's gained 2.2% loss from the
     # boxes at 500 steps with 0.5, 4e-5 with 0 (its generated placement had not followed yet at 5000 steps).
@@ -265,6 +268,8 @@ def _check(hint: Any, value: Any, key: str) -> Any:
 def _describe(hint: Any) -> str:
     if typing.get_origin(hint) is list:
         return "a list"
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(map(str, typing.get_args(hint)))
     args = typing.get_args(hint)
     if args:
         return " or ".join(_describe(a) for a in args)

@@ -84,19 +84,26 @@ def make_adapter(config: TrainConfig, base: FrozenBase) -> GroundingAdapter:
     """A fresh adapter for the base UNet (attention gates at tanh = `model.gate_init`, dense gates 0), or the one
     named by `model.adapter`.
 
-    Its config records the number of grounding slots this run trains with (`data.max_entities`).
+    Its config records the number of grounding slots this run trains with (`data.max_entities`) and the phrase
+    feature (`phrase_embedding`).
     """
-    if config.model.adapter:
-        adapter = GroundingAdapter.from_pretrained(config.model.adapter)
+    adapter = GroundingAdapter.from_pretrained(config.model.adapter) if config.model.adapter else None
+    embedding = phrase_embedding(config.model, base, adapter.config.phrase_embedding if adapter is not None else None)
+    phrase_dim = base.prompt_encoder().phrase_dim(embedding == "projected")
+    if adapter is not None:
         adapter.check_fits(base.unet)
+        if adapter.config.feature_type in ("text-box", "text-image-box") and adapter.config.positive_len != phrase_dim:
+            raise UserError(f"config key model.adapter: {config.model.adapter} takes {adapter.config.positive_len}-dim "
+                            f"phrase embeddings, the base's {embedding} ones have {phrase_dim}")
     else:
         image_dim = base.image_encoder.config.projection_dim if base.image_encoder is not None else None
         backbone = condition = None
         if config.model.condition is not None:
             backbone, condition = map_condition(config.model)
         adapter = GroundingAdapter.for_unet(
-            base.unet, config.model.feature_type, positive_len=base.prompt_encoder().phrase_dim,
+            base.unet, config.model.feature_type, positive_len=phrase_dim,
             inpaint=config.model.inpaint, image_embed_dim=image_dim, base_model=config.model.base, condition=condition,
+            phrase_embedding=embedding,
             max_persons=config.model.max_persons if config.model.feature_type == "keypoint" else None,
             visual_positions=config.model.visual_positions,
         )
@@ -118,6 +125,21 @@ def make_adapter(config: TrainConfig, base: FrozenBase) -> GroundingAdapter:
             adapter.image_projection.weight.data.copy_(projection)
     adapter.config.max_entities = config.data.max_entities
     return adapter
+
+
+def phrase_embedding(config: ModelConfig, base: FrozenBase, recorded: str | None = None) -> str:
+    """The phrase feature a run trains with: `model.phrase_embedding`, else the one `recorded` in model.adapter's
+    config, else pooler_output. 'projected' needs SDXL's second, projecting text encoder."""
+    chosen = config.phrase_embedding
+    if recorded is not None:
+        if chosen is not None and chosen != recorded:
+            raise UserError(f"config key model.phrase_embedding: {chosen} conflicts with model.adapter {config.adapter}, "
+                            f"trained with phrase_embedding {recorded}")
+        chosen = recorded
+    if chosen == "projected" and not base.is_sdxl:
+        where = "config key model.phrase_embedding" if config.phrase_embedding else f"model.adapter {config.adapter}"
+        raise UserError(f"{where}: projected phrase embeddings need an SDXL base, {config.base} has one text encoder")
+    return chosen or "pooler_output"
 
 
 def map_condition(config: ModelConfig) -> tuple[nn.Module | None, MapConfig]:

@@ -96,10 +96,12 @@ def encode_captions(trainer: Trainer, captions: list[str]) -> PromptEmbeds:
 
 
 def encode_phrases(trainer: Trainer, phrases: list[str]) -> torch.Tensor:
-    """Phrases -> pooled phrase embeddings (P, D)."""
+    """Phrases -> pooled phrase embeddings (P, D), the adapter's `phrase_embedding` (GLIGEN-XL's: projected)."""
+    projected = trainer.adapter.config.phrase_embedding == "projected"
     if not phrases:
-        return trainer.prompts.phrases([])
-    embeds, = _encode(trainer, "phrases", phrases, lambda indices: (trainer.prompts.phrases([phrases[i] for i in indices]),))
+        return trainer.prompts.phrases([], projected)
+    embeds, = _encode(trainer, "phrases", phrases,
+                      lambda indices: (trainer.prompts.phrases([phrases[i] for i in indices], projected),))
     return embeds
 
 

@@ -113,7 +113,10 @@ class Trainer:
         if config.cache_dir:
             # the encoders run in weight_dtype: entries made in bf16 must not feed an fp32 run
             namespace = f"{config.model.base}@{config.model.revision}/{self.weight_dtype}"
-            self.cache = {kind: EncodingCache(config.cache_dir, f"{namespace}/{kind}") for kind in ("latents", "text", "phrases")}
+            # nor projected phrase embeddings (GLIGEN-XL) an unprojected run, whose entries keep their first namespace
+            phrases = "phrases/projected" if self.adapter.config.phrase_embedding == "projected" else "phrases"
+            self.cache = {kind: EncodingCache(config.cache_dir, f"{namespace}/{name}")
+                          for kind, name in (("latents", "latents"), ("text", "text"), ("phrases", phrases))}
         self.metrics_path = self.output_dir / "logs" / "metrics.jsonl"
         # read now, so that a bad layout file fails the run at once rather than at the first validation
         self.validation_layouts = load_layouts(config.validation.layouts) if config.validation.layouts else []
