@@ -17,14 +17,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def accelerate_launch(*command: str, processes: int = 2, timeout: int = 300, env: dict[str, str] | None = None
-                      ) -> subprocess.CompletedProcess:
-    """Run `accelerate launch --multi_gpu --num_processes N COMMAND...` from the repository root (`env`: extra variables).
+def accelerate_launch(*command: str, processes: int = 2, timeout: int = 300, env: dict[str, str] | None = None,
+                      config_file: str | None = None) -> subprocess.CompletedProcess:
+    """Run `accelerate launch --multi_gpu --num_processes N COMMAND...` from the repository root (`env`: extra variables;
+    `config_file`: an accelerate config launched in place of `--multi_gpu`, its processes and precision overridden).
 
     `--multi_gpu` on a CPU machine starts N processes that form a gloo group (`--cpu` alone
     would start one process unless MPI is installed).
     """
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+    mode = ["--config_file", config_file] if config_file else ["--multi_gpu"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(processes),
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port()), *command]
     return subprocess.run(launch, capture_output=True, text=True, timeout=timeout, cwd=ROOT,

@@ -8,8 +8,9 @@
         training_state_R.safetensors      the step generator, the EMA weights
 
 R is each process's rank. accelerate writes what it wraps, which is the adapter alone (see
-`model.GroundedUNet`); under FSDP and DeepSpeed (not yet run: they need GPUs) accelerate writes
-their own files of it and its optimizer in place of `optimizer.bin`. A checkpoint is written into a hidden `.tmp-`
+`model.GroundedUNet`); under FSDP (version 2) accelerate writes the adapter's and its optimizer's
+shards instead of `optimizer.bin` (`pytorch_model_fsdp_0/`, `optimizer_0/`: torch.distributed.checkpoint
+directories), and under DeepSpeed (not yet run) its engine files. A checkpoint is written into a hidden `.tmp-`
 directory renamed when complete, so an interrupted save leaves the previous one as the latest.
 """
 
@@ -77,7 +78,7 @@ def trained_adapter(trainer: Trainer) -> GroundingAdapter | None:
     """The trained adapter with all its weights, on the main process (None on the others).
 
     Every process must call it: under FSDP the full weights are gathered from the shards into
-    a new adapter; otherwise it is the adapter being trained itself.
+    a new adapter (with diffusers' 0-dim gates again); otherwise it is the adapter being trained itself.
     """
     accelerator = trainer.accelerator
     if accelerator.distributed_type == DistributedType.FSDP:
@@ -85,7 +86,9 @@ def trained_adapter(trainer: Trainer) -> GroundingAdapter | None:
         if not accelerator.is_main_process:
             return None
         adapter = GroundingAdapter(copy.deepcopy(trainer.adapter.config))
-        adapter.load_adapter_state_dict({k.removeprefix("adapter."): v for k, v in state.items()})
+        own = adapter.state_dict()
+        full = {k.removeprefix("adapter."): v for k, v in state.items()}
+        adapter.load_state_dict({k: v.reshape(own[k].shape) for k, v in full.items()})
         return adapter
     return trainer.adapter if accelerator.is_main_process else None
 

@@ -37,7 +37,7 @@ from gligen.errors import UserError
 from gligen.files import check_writable
 from gligen.grounding import GroundingInputs
 from gligen.layout import load_layouts
-from gligen.training import checkpoint, loop, step, trackers, validation
+from gligen.training import checkpoint, fsdp, loop, step, trackers, validation
 from gligen.training.batch import TrainingBatch
 from gligen.training.cache import EncodingCache
 from gligen.training.config import TrainConfig
@@ -70,6 +70,7 @@ class Trainer:
             log_with=trackers.installed_trackers(config.report_to),
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )
+        fsdp.setup(self.accelerator, config.mixed_precision)
         if launched > 1 and self.accelerator.num_processes == 1:
             raise UserError(f"{launched} processes were launched but did not join (each would train alone and "
                             "write the same checkpoints); check the accelerate launch configuration")
@@ -90,6 +91,8 @@ class Trainer:
                             f"{self.noise_scheduler.config.num_train_timesteps} training timesteps")
 
         self.adapter = make_adapter(config, self.base).to(self.device)
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            fsdp.vector_gates(self.adapter)
         unet = self.base.unet
         model = GroundedUNet(unet, self.adapter)
         set_attention(unet, config.attention)
