@@ -28,7 +28,7 @@ from torch import nn
 from gligen.bundled import looks_like_repo_id
 from gligen.errors import UserError
 from gligen.files import atomic_path, read_json, write_json
-from gligen.fuser import GatedSelfAttention, attach_fusers, block_shape, detach_fusers, transformer_blocks
+from gligen.fuser import POSITION_OCTAVES, GatedSelfAttention, attach_fusers, block_shape, detach_fusers, transformer_blocks
 from gligen.grounding import GroundingInputs, TextBoxPositionNet, TextImageBoxPositionNet
 from gligen.keypoints import MAX_PERSONS, KeypointPositionNet
 from gligen.maps.nets import MapConfig, MapDownsampler, MapTokenizer
@@ -181,7 +181,7 @@ class GroundingAdapter(nn.Module):
         self.block_paths = list(config.blocks)
         self.fusers = nn.ModuleList(
             GatedSelfAttention(dim, config.cross_attention_dim, heads, head_dim,
-                               position_freqs=config.fourier_freqs if config.visual_positions else 0)
+                               position_octaves=POSITION_OCTAVES if config.visual_positions else 0)
             for dim, heads, head_dim in config.blocks.values()
         )
         self.image_projection = None

@@ -7,8 +7,9 @@ In every transformer block, after self-attention and before cross-attention:
 
 with both gates zero-initialised, so a fresh fuser changes nothing, and `s` the
 scheduled-sampling scale of the current step. With visual positions (an option, not in GLIGEN),
-the attention's visual input is `x + Linear(Fourier(token centre))`, the Linear zero-initialised:
-the tokens say where they are, in the boxes' own Fourier basis. A large UNet's features carry their
+the attention's visual input is `x + Linear(Fourier(token centre))`, the Linear zero-initialised
+and the frequencies octaves (pi, 2 pi, 4 pi, ...: each halves the grid cell it tells apart, as in
+NeRF): the tokens say where they are. A large UNet's features carry their
 position (GLIGEN relies on it); a small base's barely do at high noise, where the layout is decided. diffusers' `BasicTransformerBlock` already
 calls `block.fuser(x, tokens)` at that point when the UNet is given
 `cross_attention_kwargs={"gligen": {...}}`; attaching sets `block.fuser` and nothing else
@@ -21,7 +22,7 @@ import torch
 from diffusers.models.attention import BasicTransformerBlock, GatedSelfAttentionDense
 from torch import nn
 
-from gligen.grounding import fourier_embed
+POSITION_OCTAVES = 8  # periods 2 down to 1/64 of the side: enough for 128 tokens a side; a coarser grid sees the finer ones as constants
 
 
 class GatedSelfAttention(GatedSelfAttentionDense):
@@ -30,19 +31,19 @@ class GatedSelfAttention(GatedSelfAttentionDense):
     x (B, n_visual, dim), tokens (B, n_tokens, context_dim) -> (B, n_visual, dim).
 
     `scale` is a 0-dim buffer (not saved) changed in place by `set_scale`: a compiled UNet reads
-    it as an input, so a changing schedule causes no recompilation. `position_freqs` > 0 adds the
+    it as an input, so a changing schedule causes no recompilation. `position_octaves` > 0 adds the
     visual positions (`position`, zero-initialised); they need the UNet input's latent size, given
     by `set_latent_size` before each call.
     """
 
-    def __init__(self, query_dim: int, context_dim: int, n_heads: int, d_head: int, position_freqs: int = 0):
+    def __init__(self, query_dim: int, context_dim: int, n_heads: int, d_head: int, position_octaves: int = 0):
         super().__init__(query_dim, context_dim, n_heads, d_head)
         self.register_buffer("scale", torch.ones(()), persistent=False)
-        self.position_freqs = position_freqs
+        self.position_octaves = position_octaves
         self.position = None
         self.latent_size: tuple[int, int] | None = None
-        if position_freqs:
-            self.position = nn.Linear(4 * position_freqs, query_dim)
+        if position_octaves:
+            self.position = nn.Linear(4 * position_octaves, query_dim)
             nn.init.zeros_(self.position.weight)
             nn.init.zeros_(self.position.bias)
 
@@ -61,9 +62,15 @@ class GatedSelfAttention(GatedSelfAttentionDense):
                 raise ValueError("a fuser with visual positions needs the latent size: pass latent_size to "
                                  "GroundingAdapter.cross_attention_kwargs")
             centres = token_centres(n_visual, self.latent_size).to(x.device, x.dtype)
-            visual = x + self.position(fourier_embed(centres[None], self.position_freqs))
+            visual = x + self.position(octave_features(centres, self.position_octaves))
         x = x + self.scale * self.alpha_attn.tanh() * self.attn(self.norm1(torch.cat([visual, objs], dim=1)))[:, :n_visual]
         return x + self.scale * self.alpha_dense.tanh() * self.ff(self.norm2(x))
+
+
+def octave_features(points: torch.Tensor, octaves: int) -> torch.Tensor:
+    """(n, 2) normalized points -> (n, 4 octaves): sin and cos of each coordinate times pi, 2 pi, 4 pi, ..."""
+    angles = points[..., None] * (torch.pi * 2.0 ** torch.arange(octaves, device=points.device)).to(points.dtype)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)
 
 
 def token_centres(n: int, latent_size: tuple[int, int]) -> torch.Tensor:
