@@ -49,7 +49,7 @@ class ModelConfig:
     # boxes at 500 steps with 0.5, 4e-5 with 0 (its generated placement had not followed yet at 5000 steps).
     gate_init: float = 0.0
     # the fusers add Fourier features of each visual token's place to their attention input (not in GLIGEN): on
-    # the demo's small base, the boxes' loss gain at high noise reached 7% in 1000 steps with them, 0.03% without
+    # the demo's small base, the boxes' loss gain at high noise reached 16.7% in 1500 steps with them, 0.02% without
     visual_positions: bool = False
 
 
