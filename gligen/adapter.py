@@ -84,6 +84,11 @@ class AdapterConfig:
             self.max_persons = MAX_PERSONS
         self.blocks = {path: tuple(shape) for path, shape in self.blocks.items()}
 
+    @property
+    def projected_phrases(self) -> bool:
+        """Whether the phrase embeddings are GLIGEN-XL's, with the second encoder's projected `text_embeds`."""
+        return self.phrase_embedding == "projected"
+
     @classmethod
     def from_dict(cls, data: Any, where: str = "adapter config") -> AdapterConfig:
         """Validate a parsed `adapter_config.json`; a UserError names `where` and the key at fault."""

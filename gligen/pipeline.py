@@ -730,7 +730,7 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
             return self.with_maps(GroundingInputs(boxes, masks, None), layouts)
         counts = [len(layout.entities) for layout in layouts]
         phrases = [phrase for layout in layouts for phrase in layout.phrases]
-        projected = self.adapter.config.phrase_embedding == "projected"
+        projected = self.adapter.config.projected_phrases
         encoded = self.prompt_encoder.phrases(self.maybe_convert_prompt(phrases, self.tokenizer), projected=projected,
                                               device=device)
         phrase_embeds = scatter_embeds(encoded, counts, slots).to(dtype)

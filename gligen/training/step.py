@@ -97,7 +97,7 @@ def encode_captions(trainer: Trainer, captions: list[str]) -> PromptEmbeds:
 
 def encode_phrases(trainer: Trainer, phrases: list[str]) -> torch.Tensor:
     """Phrases -> pooled phrase embeddings (P, D), the adapter's `phrase_embedding` (GLIGEN-XL's: projected)."""
-    projected = trainer.adapter.config.phrase_embedding == "projected"
+    projected = trainer.adapter.config.projected_phrases
     if not phrases:
         return trainer.prompts.phrases([], projected)
     embeds, = _encode(trainer, "phrases", phrases,

@@ -117,7 +117,7 @@ class Trainer:
             # the encoders run in weight_dtype: entries made in bf16 must not feed an fp32 run
             namespace = f"{config.model.base}@{config.model.revision}/{self.weight_dtype}"
             # nor projected phrase embeddings (GLIGEN-XL) an unprojected run, whose entries keep their first namespace
-            phrases = "phrases/projected" if self.adapter.config.phrase_embedding == "projected" else "phrases"
+            phrases = "phrases/projected" if self.adapter.config.projected_phrases else "phrases"
             self.cache = {kind: EncodingCache(config.cache_dir, f"{namespace}/{name}")
                           for kind, name in (("latents", "latents"), ("text", "text"), ("phrases", phrases))}
         self.metrics_path = self.output_dir / "logs" / "metrics.jsonl"
