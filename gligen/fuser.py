@@ -6,14 +6,16 @@ In every transformer block, after self-attention and before cross-attention:
     x = x + s * tanh(alpha_dense) * FF(LN(x))
 
 with both gates zero-initialised, so a fresh fuser changes nothing, and `s` the
-scheduled-sampling scale of the current step. With visual positions (an option, not in GLIGEN),
-the attention's visual input is `x + Linear(Fourier(token centre))`, the Linear zero-initialised
-and the frequencies octaves (pi, 2 pi, 4 pi, ...: each halves the grid cell it tells apart, as in
-NeRF): the tokens say where they are. A large UNet's features carry their
-position (GLIGEN relies on it); a small base's barely do at high noise, where the layout is decided. diffusers' `BasicTransformerBlock` already
+scheduled-sampling scale of the current step. diffusers' `BasicTransformerBlock` already
 calls `block.fuser(x, tokens)` at that point when the UNet is given
 `cross_attention_kwargs={"gligen": {...}}`; attaching sets `block.fuser` and nothing else
 of the block, so the base parameters are never touched.
+
+With visual positions (an option, not in GLIGEN) the attention's visual input is
+`x + Linear(Fourier(token centre))`, the Linear zero-initialised and the frequencies octaves
+(pi, 2 pi, 4 pi, ...: each halves the grid cell it tells apart, as in NeRF), so the tokens say
+where they are. A large UNet's features carry their position (GLIGEN relies on it); a small
+base's barely do at high noise, where the layout is decided.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch
 from diffusers.models.attention import BasicTransformerBlock, GatedSelfAttentionDense
 from torch import nn
 
-POSITION_OCTAVES = 8  # periods 2 down to 1/64 of the side: enough for 128 tokens a side; a coarser grid sees the finer ones as constants
+# periods 2 down to 1/64 of the side: enough for 128 tokens a side; a coarser grid sees the finer ones as constants
+POSITION_OCTAVES = 8
 
 
 class GatedSelfAttention(GatedSelfAttentionDense):
