@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import gc
 import os
 import signal
 import sys
@@ -178,15 +179,20 @@ def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) 
 
 
 def _leave_process_group() -> None:
-    """Destroy the process group of a launched run that ended well, before the interpreter exits.
+    """Destroy a launched run's process group, and the objects that hold it, while the interpreter is whole.
 
-    Left to exit, gloo's threads can abort a process that finished its work ("terminate called
-    without an active exception", exit -6), which fails the whole launch. Only after success:
-    after an error, another process may still wait in a collective that shutting down would join.
+    accelerate's `end_training` only unregisters the group: the DDP-wrapped model still holds it, in
+    a reference cycle that lives until interpreter shutdown. Destroyed then, gloo's worker threads
+    abort a process that finished its work ("terminate called without an active exception", exit
+    -6), which fails the whole launch. Only after success: after an error, another process may
+    still wait in a collective that shutting down would join.
     """
     distributed = sys.modules.get("torch.distributed")  # only a command that loaded torch can have one
-    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+    if distributed is None or not distributed.is_available():
+        return
+    if distributed.is_initialized():
         distributed.destroy_process_group()
+    gc.collect()  # frees the models in cycles, and with them the last references to their groups
 
 
 def _status_and_line(error: BaseException) -> tuple[int, str]:
