@@ -151,7 +151,7 @@ def test_shapes_scenes_follow_the_rules():
     for i in range(200):
         scene = shapes.sample_scene(0, i)
         sample = shapes.shape_sample(0, i)
-        assert 1 <= len(sample.entities) <= 4
+        assert 1 <= len(sample.entities) <= shapes.MAX_OBJECTS
         counts[len(sample.entities)] += 1
         background = shapes.BACKGROUNDS[scene.background]
         assert sample.caption.endswith(f" on a {scene.background} background")
@@ -162,7 +162,7 @@ def test_shapes_scenes_follow_the_rules():
         for entity in sample.entities:
             [(start, end)] = entity.spans
             assert sample.caption[start:end] == entity.phrase
-    assert set(counts) == {1, 2, 3, 4}
+    assert set(counts) == set(range(1, shapes.MAX_OBJECTS + 1))
 
 
 def _grow(box: tuple[int, int, int, int], margin: int, size: int) -> tuple[int, int, int, int]:
@@ -173,7 +173,7 @@ def _grow(box: tuple[int, int, int, int], margin: int, size: int) -> tuple[int, 
 def test_shape_boxes_are_tight_around_the_drawn_pixels():
     """Each isolated object's box is the bounding box of the pixels at least half its colour."""
     size, checked = 64, 0
-    for i in range(120):
+    for i in range(200):
         scene, sample = shapes.sample_scene(1, i), shapes.shape_sample(1, i, size)
         image = pixels(sample.image).astype(np.float64)
         background = np.array(shapes.BACKGROUNDS[scene.background], np.float64)

@@ -1,6 +1,6 @@
 """Synthetic shapes: a small, seeded world of coloured shapes on plain backgrounds.
 
-Each image holds 1 to 4 objects, each a distinct (colour, shape) pair from 8 colours x 6
+Each image holds 1 to 3 objects, each a distinct (colour, shape) pair from 8 colours x 6
 shapes, on a plain background whose colour is far from every object's colour. The caption
 names them ("a red circle and a blue star on a gray background"); each entity's phrase is
 its noun phrase in the caption ("a red circle", with its char span) and its box is tight
@@ -52,8 +52,8 @@ BACKGROUNDS = {
     "light green": (185, 225, 175),
 }
 MIN_CONTRAST = 90.0  # RGB distance between an object's colour and its background
-MAX_OBJECTS = 4
-SIZE_RANGE = (0.2, 0.45)  # side of an object's square region, as a fraction of the image
+MAX_OBJECTS = 3
+SIZE_RANGE = (0.25, 0.5)  # side of an object's square region, as a fraction of the image
 MAX_OVERLAP = 0.1  # of the smaller region's area, between any two objects' regions
 SUPERSAMPLE = 4
 COVERED = 0.5  # a pixel belongs to an object's box when the object covers at least this much of it
