@@ -29,10 +29,11 @@ from gligen.demo.base_model import (
 from gligen.errors import UserError
 
 TINY = BaseModelConfig.tiny()
-VAE_STEPS, STEPS = 24, 12
+VAE_STEPS, STEPS, DECODER_STEPS = 24, 12, 4
 ARGS = [
     "--preset", "tiny", "--batch-size", "8", "--vae-steps", str(VAE_STEPS), "--steps", str(STEPS), "--lr", "2e-3",
-    "--vae-lr", "5e-3", "--workers", "1", "--device", "cpu", "--log-every", "4", "--checkpoint-every", "4",
+    "--vae-lr", "5e-3", "--vae-crop", "8", "--decoder-steps", str(DECODER_STEPS), "--workers", "1", "--device", "cpu",
+    "--log-every", "4", "--checkpoint-every", "4",
 ]
 
 
@@ -84,6 +85,7 @@ def test_saved_pipeline_loads_with_diffusers_and_generates(run):
     unet_file = run / "model" / "unet" / "diffusion_pytorch_model.safetensors"
     assert load_file(unet_file)["conv_in.weight"].dtype == torch.float16
     assert summary["diffusion"]["steps"] == STEPS and summary["vae"]["steps"] == VAE_STEPS
+    assert summary["decoder"]["steps"] == DECODER_STEPS
     assert summary["parameters"]["unet"] == sum(p.numel() for p in pipe.unet.parameters())
     assert (run / "samples.png").is_file() and (run / "reconstructions.png").is_file()
 
@@ -141,6 +143,17 @@ def test_both_stages_lower_the_loss_on_a_fixed_batch(run, shards):
     after = diffusion_loss(unet, text_encoder)
     print(f"diffusion loss on a fixed batch: {before:.4f} -> {after:.4f}")
     assert after < 0.8 * before, (before, after)
+
+
+def test_decoder_stage_trains_the_decoder_and_keeps_the_latents(run):
+    """Stage 3 changes what latents decode to, never the latents the UNet was trained on."""
+    autoencoder = torch.load(run / "checkpoints" / "vae.pt", weights_only=True)["vae"]
+    saved = AutoencoderKL.from_pretrained(run / "model" / "vae", dtype=torch.float32).state_dict()
+    latent_side = [k for k in autoencoder if k.startswith(("encoder.", "quant_conv."))]
+    decoder_side = [k for k in autoencoder if k.startswith(("decoder.", "post_quant_conv."))]
+    assert len(latent_side) + len(decoder_side) == len(autoencoder)
+    assert all(torch.equal(saved[k], autoencoder[k].half().float()) for k in latent_side)
+    assert not all(torch.equal(saved[k], autoencoder[k].half().float()) for k in decoder_side)
 
 
 class Killed(BaseException):  # as SIGKILL: nothing catches it, not even run_cli

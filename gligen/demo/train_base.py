@@ -2,16 +2,19 @@
 
     python -m gligen.demo.train_base --data SHARDS --out DIR --steps N --batch-size B [--vae-steps M] [--resume]
 
-Stage 1 trains the autoencoder (L1 + L2 reconstruction, a small KL term). Stage 2 freezes
-it and trains the UNet and the text encoder together (epsilon prediction with min-SNR
-weighting, captions dropped 10% of the time for classifier-free guidance, EMA weights).
+Stage 1 trains the autoencoder (L1 + L2 reconstruction, a small KL term), on random crops
+with `--vae-crop`. Stage 2 freezes it and trains the UNet and the text encoder together
+(epsilon prediction with min-SNR weighting, captions dropped 10% of the time for
+classifier-free guidance, EMA weights) and writes model/. With `--decoder-steps`, stage 3
+then trains the decoder alone on whole images; the latents do not change, so an adapter can
+train on model/ while it runs, and model/ is written again with the new decoder.
 
 The data set is small, so it is decoded once into one uint8 tensor on the training device
 and batches are drawn from it; stage 2 likewise encodes every image to latents once.
 Outputs under DIR:
 
     model/              the StableDiffusionPipeline directory (EMA weights, safetensors)
-    checkpoints/        vae.pt and diffusion.pt: full training state, written atomically
+    checkpoints/        vae.pt, diffusion.pt, decoder.pt: full training state, written atomically
     summary.json        sizes, steps, times, losses, held-out reconstruction PSNR
     reconstructions.png held-out images (top) and their VAE reconstructions (bottom)
     samples.png         images the saved pipeline generates for held-out captions
@@ -53,7 +56,7 @@ from gligen.demo.base_model import (
 from gligen.errors import UserError, require, run_cli
 from gligen.files import atomic_path, save_image, write_json
 
-PRESETS = {"demo": BaseModelConfig(), "cpu": BaseModelConfig.cpu(), "tiny": BaseModelConfig.tiny()}
+PRESETS = {"demo": BaseModelConfig(), "tiny": BaseModelConfig.tiny()}
 HELD_OUT = 256  # images kept out of training, for the reconstruction score and sample captions
 SAMPLE_COUNT = 16
 
@@ -150,15 +153,18 @@ class Stage:
 
     def __init__(self, name: str, modules: dict[str, nn.Module], lr: float, plan: Plan, ema_decay: float | None = None):
         self.name, self.modules, self.plan = name, modules, plan
-        device = next(iter(modules.values())).device
         self.optimizer = torch.optim.AdamW(
-            self.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01, fused=device.type == "cuda"
+            self.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01, fused=self.device.type == "cuda"
         )
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, plan.lr_factor)
         self.ema = EMAModel(self.parameters(), ema_decay, use_ema_warmup=True, foreach=True) if ema_decay else None
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for m in self.modules.values() for p in m.parameters()]
+
+    @property
+    def device(self) -> torch.device:
+        return self.parameters()[0].device
 
     def state_dict(self, step: int, summary: dict) -> dict:
         state = {name: m.state_dict() for name, m in self.modules.items()}
@@ -186,20 +192,25 @@ class Stage:
         return state["step"], state["summary"]
 
 
-def run_stage(stage: Stage, loss_fn: Callable[[], torch.Tensor], args: argparse.Namespace) -> dict:
+def run_stage(stage: Stage, loss_fn: Callable[[], torch.Tensor], args: argparse.Namespace,
+              steps: int | None = None) -> dict:
     """Train `stage` to the end of its plan, resuming from its checkpoint; returns the stage summary.
 
     Summary: `loss` (mean over the last `--log-every` steps), `seconds` (training time over all
     runs), `steps_per_s`, `steps`. The checkpoint `checkpoints/<name>.pt` is written atomically
     every `--checkpoint-every` steps and at the end; a finished stage is loaded and skipped.
+    `steps`, when given, is the stage's length even on resume: a finished stage given more steps
+    trains on, its cosine decay taken up where the longer plan puts it.
     """
     path = Path(args.out) / "checkpoints" / f"{stage.name}.pt"
     start, summary = 0, {"loss": None, "seconds": 0.0, "steps_per_s": None}
     if path.is_file():
         start, summary = stage.load_state_dict(torch.load(path, weights_only=True))
+    if steps is not None:
+        stage.plan.steps = steps
     for module in stage.modules.values():
         module.train()
-    device = next(iter(stage.modules.values())).device
+    device = stage.device
     recent: list[torch.Tensor] = []  # losses kept on the device, read every `log_every` steps (no sync per step)
     progress = tqdm(initial=start, total=stage.plan.steps, desc=stage.name, unit="step")
     begin, seconds_before, marks = time.perf_counter(), summary["seconds"], {}
@@ -256,16 +267,49 @@ def vae_loss(
 
 
 def train_vae(vae: AutoencoderKL, data: ImageSet, args: argparse.Namespace) -> dict:
-    """Minimise `vae_loss` on random batches of `data`."""
+    """Minimise `vae_loss` on random batches of `data`, cropped to `--vae-crop` pixels.
+
+    The autoencoder is convolutional, so it trains on crops and runs on whole images: a 32 px
+    crop of a 64 px image costs a quarter of a step on the whole image.
+    """
     device = data.images.device
     stage = Stage("vae", {"vae": vae}, args.vae_lr, Plan(args.vae_steps, min(args.warmup, args.vae_steps // 10) or 1))
     loss = _compiled(vae_loss, args)
 
-    def loss_fn() -> torch.Tensor:
-        return loss(vae, to_pixels(data.images[random_batch(len(data.captions), args.batch_size, device)]),
-                        args.kl_weight)
+    size = data.images.shape[1]
+    crop = args.vae_crop or size
+    require(8 <= crop <= size, f"--vae-crop must be between 8 and the image size {size}, got {crop}")
 
-    return run_stage(stage, loss_fn, args)
+    def loss_fn() -> torch.Tensor:
+        images = data.images[random_batch(len(data.captions), args.batch_size, device)]
+        y, x = torch.randint(0, size - crop + 1, (2,)).tolist()  # one crop corner per batch: a batch is one tensor
+        return loss(vae, to_pixels(images[:, y:y + crop, x:x + crop]), args.kl_weight)
+
+    return run_stage(stage, loss_fn, args, steps=args.vae_steps)
+
+
+def train_decoder(vae: AutoencoderKL, data: ImageSet, args: argparse.Namespace) -> dict:
+    """Minimise the reconstruction loss of the decoder alone on whole images, the encoder frozen.
+
+    The latents the diffusion model learns are the encoder's, so this stage changes none of them:
+    it only sharpens what whole images decode to after the autoencoder trained on crops, and
+    anything trained on the latents (the UNet, an adapter) stays valid.
+    """
+    device = data.images.device
+    vae.requires_grad_(False)
+    modules = {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv}
+    for module in modules.values():
+        module.requires_grad_(True)
+    warmup = min(args.warmup, args.decoder_steps // 10) or 1
+    stage = Stage("decoder", modules, args.vae_lr, Plan(args.decoder_steps, warmup))
+    loss = _compiled(vae_loss, args)
+
+    def loss_fn() -> torch.Tensor:
+        return loss(vae, to_pixels(data.images[random_batch(len(data.captions), args.batch_size, device)]), 0.0)
+
+    summary = run_stage(stage, loss_fn, args, steps=args.decoder_steps)
+    vae.requires_grad_(False).eval()
+    return summary
 
 
 @torch.no_grad()
@@ -341,7 +385,7 @@ def train_diffusion(
         t = torch.randint(0, len(weights), (len(index),), device=device)
         return loss(unet, text_encoder, latents, tokens, torch.randn_like(latents), t, alphas, weights)
 
-    summary = run_stage(stage, loss_fn, args)
+    summary = run_stage(stage, loss_fn, args, steps=args.steps if args.minutes is None else None)
     stage.ema.copy_to(stage.parameters())
     return unet.eval(), text_encoder.eval(), summary
 
@@ -368,8 +412,8 @@ def train(args: argparse.Namespace) -> None:
     checkpoints = out / "checkpoints"
     if checkpoints.is_dir() and any(checkpoints.iterdir()) and not args.resume:
         raise UserError(f"{checkpoints} holds a previous run; pass --resume to continue it or use an empty --out")
-    require(args.steps >= 1 and args.vae_steps >= 1 and args.batch_size >= 1,
-            "--steps, --vae-steps and --batch-size must be at least 1")
+    require(args.steps >= 1 and args.vae_steps >= 1 and args.batch_size >= 1 and args.decoder_steps >= 0,
+            "--steps, --vae-steps and --batch-size must be at least 1, --decoder-steps at least 0")
     config = PRESETS[args.preset]
     data = load_images(args.data, config.image_size, args.workers)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -384,12 +428,17 @@ def train(args: argparse.Namespace) -> None:
     vae.requires_grad_(False).eval()
     scale = fit_scaling_factor(vae, train_set.images, args.batch_size)
     vae.register_to_config(scaling_factor=scale)
-    psnr, reconstructions = reconstruction_psnr(vae, held_out.images)
-    save_image(out / "reconstructions.png", reconstructions)
+    vae_summary.update(scaling_factor=scale, held_out_psnr_db=reconstruction_psnr(vae, held_out.images)[0])
 
     unet, text_encoder, diffusion_summary = train_diffusion(vae, tokenizer, config, train_set, args)
     model_dir = out / "model"
     save_pipeline(assemble_pipeline(vae, text_encoder, tokenizer, unet), model_dir, args.save_dtype)
+    decoder_summary = None
+    if args.decoder_steps:  # model/ already holds the UNet an adapter trains on: that can start now
+        decoder_summary = train_decoder(vae, train_set, args)
+        save_pipeline(assemble_pipeline(vae, text_encoder, tokenizer, unet), model_dir, args.save_dtype)
+    psnr, reconstructions = reconstruction_psnr(vae, held_out.images)
+    save_image(out / "reconstructions.png", reconstructions)
     samples = sample_grid(model_dir, held_out.captions[:SAMPLE_COUNT], config, device, args.seed)
     save_image(out / "samples.png", samples)
     write_json(out / "summary.json", {
@@ -399,8 +448,9 @@ def train(args: argparse.Namespace) -> None:
         "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in
                        (("vae", vae), ("unet", unet), ("text_encoder", text_encoder))},
         "model_bytes": sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file()),
-        "vae": dict(vae_summary, scaling_factor=scale, held_out_psnr_db=psnr),
+        "vae": vae_summary,
         "diffusion": diffusion_summary,
+        "decoder": decoder_summary and dict(decoder_summary, held_out_psnr_db=psnr),
         "batch_size": args.batch_size,
     })
     print(f"saved the pipeline to {model_dir} (held-out VAE PSNR {psnr:.1f} dB)")
@@ -450,9 +500,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--vae-steps", type=int, default=2000, help="autoencoder training steps")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="network sizes (demo: GPU, cpu: trains on a CPU, tiny: tests)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="network sizes (demo: the bundled model, tiny: tests)")
     parser.add_argument("--lr", type=float, default=5e-4, help="UNet + text encoder peak learning rate")
     parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--vae-crop", type=int, default=None, help="train the autoencoder on random crops of this side")
+    parser.add_argument("--decoder-steps", type=int, default=0,
+                        help="then train the decoder alone on whole images, the encoder (so the latents) frozen")
     parser.add_argument("--warmup", type=int, default=500, help="warmup steps (at most a tenth of each stage)")
     parser.add_argument("--kl-weight", type=float, default=1e-4, help="KL weight per latent element")
     parser.add_argument("--caption-dropout", type=float, default=0.1, help="classifier-free guidance dropout")
