@@ -14,7 +14,9 @@ and batches are drawn from it; stage 2 likewise encodes every image to latents o
 Outputs under DIR:
 
     model/              the StableDiffusionPipeline directory (EMA weights, safetensors)
-    checkpoints/        vae.pt, diffusion.pt, decoder.pt: full training state, written atomically
+    vae/, diffusion/, decoder/    each stage's checkpoints/checkpoint-STEP/ (as `gligen train` writes them:
+                        renamed into place when complete, the last 2 kept; resumed from the newest)
+    tokenizer/          the run's tokenizer, built from the captions once
     summary.json        sizes, steps, times, losses, held-out reconstruction PSNR
     reconstructions.png held-out images (top) and their VAE reconstructions (bottom)
     samples.png         images the saved pipeline generates for held-out captions
@@ -23,6 +25,7 @@ Outputs under DIR:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -39,6 +42,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import EMAModel, compute_snr
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 from transformers import CLIPTokenizer
@@ -54,7 +58,8 @@ from gligen.demo.base_model import (
     training_scheduler,
 )
 from gligen.errors import UserError, require, run_cli
-from gligen.files import atomic_path, save_image, write_json
+from gligen.files import save_image, write_json
+from gligen.training import checkpoint
 
 PRESETS = {"demo": BaseModelConfig(), "tiny": BaseModelConfig.tiny()}
 HELD_OUT = 256  # images kept out of training, for the reconstruction score and sample captions
@@ -166,30 +171,48 @@ class Stage:
     def device(self) -> torch.device:
         return self.parameters()[0].device
 
-    def state_dict(self, step: int, summary: dict) -> dict:
-        state = {name: m.state_dict() for name, m in self.modules.items()}
-        state.update(step=step, summary=dict(summary), plan=vars(self.plan).copy(),
-                     optimizer=self.optimizer.state_dict(), lr_scheduler=self.lr_scheduler.state_dict(),
-                     rng_cpu=torch.get_rng_state())
+    def save(self, directory: Path, step: int, summary: dict) -> None:
+        """Everything a resume needs, into `directory`: weights, EMA and RNG as safetensors, the optimizer
+        (plain tensors, read back weights-only) and the step, summary, plan and lr schedule as JSON."""
+        tensors = {f"{name}.{key}": value for name, module in self.modules.items()
+                   for key, value in module.state_dict().items()}
+        tensors["rng.cpu"] = torch.get_rng_state()
         if torch.cuda.is_available():
-            state["rng_cuda"] = torch.cuda.get_rng_state_all()
+            tensors.update({f"rng.cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+        ema = {}
         if self.ema is not None:
-            state["ema"] = self.ema.state_dict()
-        return state
+            ema = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
+            tensors.update({f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)})
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, directory / "state.safetensors")
+        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        write_json(directory / "training_state.json", {
+            "step": step, "summary": summary, "plan": vars(self.plan), "lr_scheduler": self.lr_scheduler.state_dict(),
+            "ema": ema,
+        })
 
-    def load_state_dict(self, state: dict) -> tuple[int, dict]:
-        """Restore everything `state_dict` saved; returns the step and the summary so far."""
+    def load(self, directory: Path) -> tuple[int, dict]:
+        """Restore what `save` wrote; returns the step and the summary so far."""
+        tensors = load_file(directory / "state.safetensors")
         for name, module in self.modules.items():
-            module.load_state_dict(state[name])
+            module.load_state_dict({k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")})
+        state = json.loads((directory / "training_state.json").read_text())
         vars(self.plan).update(state["plan"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if "rng_cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        torch.set_rng_state(tensors["rng.cpu"])
+        if torch.cuda.is_available() and "rng.cuda.0" in tensors:
+            torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())])
         if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
+            shadow = [tensors[f"ema.{i}"].to(self.device, copy=True) for i in range(len(self.ema.shadow_params))]
+            self.ema.load_state_dict({**state["ema"], "shadow_params": shadow})
         return state["step"], state["summary"]
+
+
+def save_checkpoint(stage: Stage, out: Path, step: int, summary: dict) -> None:
+    """`OUT/<stage>/checkpoints/checkpoint-<step>/`, renamed into place when complete; the last 2 are kept."""
+    with checkpoint.writing(checkpoint.checkpoint_dir(out / stage.name, step)) as tmp:
+        stage.save(tmp, step, summary)
+    checkpoint.prune(out / stage.name, keep=2)
 
 
 def run_stage(stage: Stage, loss_fn: Callable[[], torch.Tensor], args: argparse.Namespace,
@@ -197,15 +220,16 @@ def run_stage(stage: Stage, loss_fn: Callable[[], torch.Tensor], args: argparse.
     """Train `stage` to the end of its plan, resuming from its checkpoint; returns the stage summary.
 
     Summary: `loss` (mean over the last `--log-every` steps), `seconds` (training time over all
-    runs), `steps_per_s`, `steps`. The checkpoint `checkpoints/<name>.pt` is written atomically
-    every `--checkpoint-every` steps and at the end; a finished stage is loaded and skipped.
+    runs), `steps_per_s`, `steps`. A checkpoint (`save_checkpoint`) is written every
+    `--checkpoint-every` steps and at the end; a finished stage is loaded and skipped.
     `steps`, when given, is the stage's length even on resume: a finished stage given more steps
     trains on, its cosine decay taken up where the longer plan puts it.
     """
-    path = Path(args.out) / "checkpoints" / f"{stage.name}.pt"
+    out = Path(args.out)
     start, summary = 0, {"loss": None, "seconds": 0.0, "steps_per_s": None}
-    if path.is_file():
-        start, summary = stage.load_state_dict(torch.load(path, weights_only=True))
+    found = checkpoint.latest(out / stage.name)
+    if found is not None:
+        start, summary = stage.load(found)
     if steps is not None:
         stage.plan.steps = steps
     for module in stage.modules.values():
@@ -243,8 +267,7 @@ def run_stage(stage: Stage, loss_fn: Callable[[], torch.Tensor], args: argparse.
         if done % args.checkpoint_every == 0 or done == stage.plan.steps:
             summary.update(seconds=seconds_before + time.perf_counter() - begin, steps=done)
             summary["steps_per_s"] = done / summary["seconds"]
-            with atomic_path(path) as tmp:
-                torch.save(stage.state_dict(done, summary), tmp)
+            save_checkpoint(stage, out, done, summary)
     progress.close()
     return summary
 
@@ -409,9 +432,8 @@ def _compiled(loss: Callable[..., torch.Tensor], args: argparse.Namespace) -> Ca
 
 def train(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    checkpoints = out / "checkpoints"
-    if checkpoints.is_dir() and any(checkpoints.iterdir()) and not args.resume:
-        raise UserError(f"{checkpoints} holds a previous run; pass --resume to continue it or use an empty --out")
+    if (out / "tokenizer").is_dir() and not args.resume:
+        raise UserError(f"{out} holds a previous run; pass --resume to continue it or use an empty --out")
     require(args.steps >= 1 and args.vae_steps >= 1 and args.batch_size >= 1 and args.decoder_steps >= 0,
             "--steps, --vae-steps and --batch-size must be at least 1, --decoder-steps at least 0")
     config = PRESETS[args.preset]
@@ -420,7 +442,7 @@ def train(args: argparse.Namespace) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     train_set, held_out = ImageSet(data.images.to(device), data.captions).split(min(HELD_OUT, len(data.captions) // 8))
-    tokenizer = _tokenizer(checkpoints / "tokenizer", train_set.captions, config.max_length)
+    tokenizer = _tokenizer(out / "tokenizer", train_set.captions, config.max_length)
 
     torch.manual_seed(args.seed)
     vae = build_vae(config).to(device)
@@ -493,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gligen.demo.train_base", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="shards: a directory of .tar files, a brace pattern or a URL")
-    parser.add_argument("--out", required=True, help="output directory (model/, checkpoints/, summary.json, ...)")
+    parser.add_argument("--out", required=True, help="output directory (model/, the stages' checkpoints, summary.json, ...)")
     parser.add_argument("--steps", type=int, required=True, help="UNet + text encoder training steps")
     parser.add_argument("--minutes", type=float, default=None,
                         help="time budget of the UNet stage: as many steps as fit (at most --steps), measured early on")

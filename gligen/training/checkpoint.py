@@ -16,6 +16,7 @@ directory renamed when complete, so an interrupted save leaves the previous one 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -25,7 +26,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
@@ -51,6 +52,31 @@ def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
     return Path(output_dir) / "checkpoints" / f"{PREFIX}{step:08d}"
+
+
+def latest(output_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint of `output_dir` with the highest step, if any."""
+    found = sorted(checkpoints(output_dir))
+    return found[-1] if found else None
+
+
+def prune(output_dir: str | os.PathLike, keep: int) -> None:
+    """Remove all but the `keep` newest checkpoints."""
+    for old in sorted(checkpoints(output_dir))[:-keep]:
+        shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def writing(final: Path) -> Iterator[Path]:
+    """A checkpoint directory filled under a hidden `.tmp-` name and renamed to `final` when complete."""
+    tmp = final.with_name(f".tmp-{final.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
 
 
 def register_hooks(trainer: Trainer) -> None:
@@ -139,8 +165,7 @@ def save(trainer: Trainer) -> Path:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in sorted(checkpoints(trainer.output_dir))[:-trainer.config.keep_checkpoints]:
-            shutil.rmtree(old)
+        prune(trainer.output_dir, trainer.config.keep_checkpoints)
     accelerator.wait_for_everyone()
     trainer.last_save_seconds = time.perf_counter() - start
     return final
@@ -148,22 +173,21 @@ def save(trainer: Trainer) -> Path:
 
 def resume(trainer: Trainer) -> Path | None:
     """Load the latest complete checkpoint of `output_dir`, if any."""
-    found = sorted(checkpoints(trainer.output_dir))
-    if not found:
+    found = latest(trainer.output_dir)
+    if found is None:
         return None
-    latest = found[-1]
     try:
-        trainer.accelerator.load_state(str(latest), load_kwargs={"weights_only": False} if trainer.config.trust_pickle else None)
+        trainer.accelerator.load_state(str(found), load_kwargs={"weights_only": False} if trainer.config.trust_pickle else None)
     except pickle.UnpicklingError:  # accelerate reads its state files weights-only: no code runs from them
-        raise UserError(f"{latest}: a state file is a pickle that needs code to load; refused (no code ran). "
+        raise UserError(f"{found}: a state file is a pickle that needs code to load; refused (no code ran). "
                         "Rerun with --trust-pickle only if you trust it, or remove this checkpoint to resume "
                         "from the one before it") from None
     rank = trainer.accelerator.process_index
-    state_path = latest / f"training_state_{rank}.json"
+    state_path = found / f"training_state_{rank}.json"
     if not state_path.is_file():
-        raise UserError(f"{latest}: no training state for process {rank} (was it saved with another number of processes?)")
+        raise UserError(f"{found}: no training state for process {rank} (was it saved with another number of processes?)")
     state = json.loads(state_path.read_text())
-    tensors = load_file(str(latest / f"training_state_{rank}.safetensors"))
+    tensors = load_file(str(found / f"training_state_{rank}.safetensors"))
     trainer.step = state["step"]
     trainer.bad_in_a_row = state["bad_in_a_row"]
     trainer.positions = {int(k): DataPosition(**v) for k, v in state["positions"].items()}
@@ -173,5 +197,5 @@ def resume(trainer: Trainer) -> Path | None:
         trainer.ema.optimization_step = state["ema_step"]
         trainer.ema.shadow_params = [tensors[f"ema.{i}"].to(p.device) for i, p in enumerate(trainer.ema.shadow_params)]
     if trainer.accelerator.is_main_process:
-        logger.warning("resumed from %s at step %d", latest, trainer.step)
-    return latest
+        logger.warning("resumed from %s at step %d", found, trainer.step)
+    return found
