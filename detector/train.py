@@ -9,7 +9,8 @@ the model's 256 text tokens (as GroundingDINO is trained on O365 / COCO). transf
 token groups between `.` separators, so a box's `class_labels` entry is the position of its
 category in that caption, and its box is normalized cxcywh.
 
-The run writes `RUN/checkpoint-STEP/` every `--save-every` steps (an HF directory that
+The run writes `RUN/checkpoints/checkpoint-STEP/` every `--save-every` steps, keeping the
+newest `--keep-checkpoints`, as `gligen train` does (an HF directory that
 `OpenSetDetector.from_pretrained` loads, plus `training_state.safetensors` / `.json`: the
 optimizer, scheduler, step and RNG states) and the final detector to `RUN/model/`; each
 directory appears atomically. `--resume` continues from the newest checkpoint: the data
@@ -41,6 +42,7 @@ from gligen.commands import number, positive_int, seed
 from gligen.errors import ignore_stop_signals, require
 from gligen.eval.annotations import check_bbox, check_size
 from gligen.files import Output, atomic_directory, open_image, read_json, write_json
+from gligen.training import checkpoint
 
 BACKBONE_LR_SCALE = 0.1  # DETR / GroundingDINO fine-tuning: pretrained image and text backbones learn 10x slower
 WEIGHT_DECAY = 1e-4
@@ -60,6 +62,7 @@ class TrainConfig:
     backbone_lr_scale: float = BACKBONE_LR_SCALE  # 1 for backbones trained from scratch
     mixed_precision: str = "no"  # "no", "fp16" or "bf16"
     save_every: int = 500
+    keep_checkpoints: int = 3
     resume: bool = False
     seed: int = 0
     image_size: int = 800  # shortest side; the longest is at most image_size * 1333 / 800
@@ -287,13 +290,6 @@ def load_training_state(path: Path, optimizer, scheduler, scaler=None) -> int:
     return int(meta["step"])
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """The checkpoint of `out` with the highest step, if any (incomplete ones never get a name)."""
-    names = [p.name.removeprefix("checkpoint-") for p in out.glob("checkpoint-*")]
-    steps = [int(n) for n in names if n.isdigit()]
-    return out / f"checkpoint-{max(steps)}" if steps else None
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -319,8 +315,8 @@ def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = No
     # the coarsest feature map is 1/64 of the image; at 1 x 1 its GroupNorm fails on single images
     require(config.image_size >= 128, f"--image-size must be at least 128, got {config.image_size}")
     out = Path(config.out)
-    resume_from = latest_checkpoint(out) if config.resume else None
-    require(not config.resume or resume_from is not None, f"--resume: no checkpoint-* directory in {out}")
+    resume_from = checkpoint.latest(out) if config.resume else None
+    require(not config.resume or resume_from is not None, f"--resume: no checkpoints/checkpoint-* directory in {out}")
 
     coco = CocoDetection(config.images, config.annotations)  # bad data fails before the model loads
 
@@ -363,7 +359,8 @@ def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = No
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 state = training_state(step, optimizer, scheduler, accelerator.scaler)
-                save_detector(out / f"checkpoint-{step}", accelerator.unwrap_model(model), processor, state)
+                save_detector(checkpoint.checkpoint_dir(out, step), accelerator.unwrap_model(model), processor, state)
+                checkpoint.prune(out, config.keep_checkpoints)
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -392,7 +389,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--images", required=True, help="directory of the images")
     parser.add_argument("--annotations", required=True, help="COCO instances JSON (images, annotations, categories)")
     parser.add_argument("--model", required=True, help="detector to start from: HF directory or hub id")
-    parser.add_argument("--out", required=True, type=Output, help="run directory: checkpoint-STEP/ and model/")
+    parser.add_argument("--out", required=True, type=Output, help="run directory: checkpoints/checkpoint-STEP/ and model/")
     parser.add_argument("--steps", type=positive_int, default=TrainConfig.steps)
     parser.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size,
                         help="images per step and process")
@@ -404,6 +401,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=TrainConfig.mixed_precision)
     parser.add_argument("--save-every", type=positive_int, default=TrainConfig.save_every,
                         help="checkpoint every N steps")
+    parser.add_argument("--keep-checkpoints", type=positive_int, default=TrainConfig.keep_checkpoints,
+                        help="keep the newest N checkpoints")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     parser.add_argument("--seed", type=seed, default=TrainConfig.seed)
     parser.add_argument(

@@ -136,16 +136,16 @@ def test_resume_repeats_the_uninterrupted_run(data):
     out = Path(data[0]) / "run_cut"
     cut = train(config(data, "run_cut"))
     assert cut == full  # same seed, same run
-    shutil.rmtree(out / "checkpoint-6")  # as if killed after the checkpoint of step 3
+    shutil.rmtree(out / "checkpoints" / "checkpoint-00000006")  # as if killed after the checkpoint of step 3
     shutil.rmtree(out / "model")
-    state = json.loads((out / "checkpoint-3" / "training_state.json").read_text())
+    state = json.loads((out / "checkpoints" / "checkpoint-00000003" / "training_state.json").read_text())
     assert state["step"] == 3 and state["scheduler"]["last_epoch"] == 3
     resumed = train(config(data, "run_cut", resume=True))
     assert resumed == full[3:]
     a = load_file(Path(data[0]) / "run_full" / "model" / "model.safetensors")
     b = load_file(out / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    optimizer = load_file(out / "checkpoint-6" / "training_state.safetensors")
+    optimizer = load_file(out / "checkpoints" / "checkpoint-00000006" / "training_state.safetensors")
     assert torch.equal(optimizer["optimizer.0.step"], torch.tensor(6.0))
 
 
@@ -159,7 +159,7 @@ def test_backbone_lr_scale_and_step_callback(data):
     losses = train(config(data, "run_scale", steps=2, save_every=2, backbone_lr_scale=1.0),
                    on_step=lambda step, loss: calls.append((step, loss)))
     assert calls == list(enumerate(losses, 1))
-    state = json.loads((Path(data[0]) / "run_scale" / "checkpoint-2" / "training_state.json").read_text())
+    state = json.loads((Path(data[0]) / "run_scale" / "checkpoints" / "checkpoint-00000002" / "training_state.json").read_text())
     assert [g["initial_lr"] for g in state["param_groups"]] == [1e-3, 1e-3]
     with pytest.raises(UserError, match="--backbone-lr-scale must not be negative, got -1"):
         train(config(data, "run_negative", backbone_lr_scale=-1))
@@ -187,9 +187,10 @@ def test_train_cli(data, capsys):
     out = root / "run_cli"
     args = ["train", "--images", str(images), "--annotations", str(annotations), "--model", str(model),
             "--out", str(out), "--steps", "2", "--batch-size", "2", "--save-every", "1", "--image-size", "128",
-            "--workers", "1", "--mixed-precision", "bf16"]
+            "--workers", "1", "--mixed-precision", "bf16", "--keep-checkpoints", "1"]
     assert main(args) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "checkpoint-2", "model"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "model"]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-00000002"]  # the newest kept
     assert "train: 100%" in capsys.readouterr().err  # the progress bar
     assert main(["detect", str(images / "0.png"), "--phrases", "red box", "--model", str(out / "model"),
                  "--box-threshold", "0", "--out", str(root / "found.json")]) == 0

@@ -58,7 +58,7 @@ from gligen.demo.base_model import (
     training_scheduler,
 )
 from gligen.errors import UserError, require, run_cli
-from gligen.files import save_image, write_json
+from gligen.files import atomic_directory, save_image, write_json
 from gligen.training import checkpoint
 
 PRESETS = {"demo": BaseModelConfig(), "tiny": BaseModelConfig.tiny()}
@@ -210,7 +210,7 @@ class Stage:
 
 def save_checkpoint(stage: Stage, out: Path, step: int, summary: dict) -> None:
     """`OUT/<stage>/checkpoints/checkpoint-<step>/`, renamed into place when complete; the last 2 are kept."""
-    with checkpoint.writing(checkpoint.checkpoint_dir(out / stage.name, step)) as tmp:
+    with atomic_directory(checkpoint.checkpoint_dir(out / stage.name, step), replace=True) as tmp:
         stage.save(tmp, step, summary)
     checkpoint.prune(out / stage.name, keep=2)
 

@@ -16,7 +16,6 @@ directory renamed when complete, so an interrupted save leaves the previous one 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -26,7 +25,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
@@ -64,19 +63,6 @@ def prune(output_dir: str | os.PathLike, keep: int) -> None:
     """Remove all but the `keep` newest checkpoints."""
     for old in sorted(checkpoints(output_dir))[:-keep]:
         shutil.rmtree(old)
-
-
-@contextlib.contextmanager
-def writing(final: Path) -> Iterator[Path]:
-    """A checkpoint directory filled under a hidden `.tmp-` name and renamed to `final` when complete."""
-    tmp = final.with_name(f".tmp-{final.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    yield tmp
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
 
 
 def register_hooks(trainer: Trainer) -> None:
