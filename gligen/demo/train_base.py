@@ -57,6 +57,7 @@ from gligen.demo.base_model import (
     build_vae,
     training_scheduler,
 )
+from gligen.draw import make_grid
 from gligen.errors import UserError, require, run_cli
 from gligen.files import atomic_directory, save_image, write_json
 from gligen.training import checkpoint
@@ -114,14 +115,6 @@ def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     """(B, 3, S, S) in [-1, 1] -> PIL images."""
     array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in array]
-
-
-def grid(images: list[Image.Image], columns: int) -> Image.Image:
-    w, h = images[0].size
-    out = Image.new("RGB", (columns * w, math.ceil(len(images) / columns) * h))
-    for i, image in enumerate(images):
-        out.paste(image, ((i % columns) * w, (i // columns) * h))
-    return out
 
 
 # --- one training stage: schedule, resume, progress, checkpoints -------------------------------------
@@ -352,7 +345,7 @@ def reconstruction_psnr(vae: AutoencoderKL, images: torch.Tensor) -> tuple[float
     reconstruction = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     mse = ((reconstruction - x) / 2).pow(2).flatten(1).mean(1)
     n = min(SAMPLE_COUNT, len(x))
-    return (-10 * torch.log10(mse)).mean().item(), grid(to_pil(x[:n]) + to_pil(reconstruction[:n]), n)
+    return (-10 * torch.log10(mse)).mean().item(), make_grid(to_pil(x[:n]) + to_pil(reconstruction[:n]), n)
 
 
 # --- stage 2: UNet + text encoder ----------------------------------------------------------------
@@ -508,7 +501,7 @@ def sample_grid(model_dir: Path, captions: list[str], config: BaseModelConfig, d
     pipeline.set_progress_bar_config(disable=True)
     images = pipeline(captions, height=config.image_size, width=config.image_size, num_inference_steps=25,
                       guidance_scale=4.0, generator=torch.Generator(device).manual_seed(seed)).images
-    return grid(images, min(len(images), 8))
+    return make_grid(images, min(len(images), 8))
 
 
 def build_parser() -> argparse.ArgumentParser:
