@@ -197,6 +197,10 @@ def test_kill_and_resume_equals_uninterrupted(setup):
     ema_a = load_file(str(setup["root"] / "straight" / "adapter" / "adapter.safetensors"))
     ema_b = load_file(str(setup["root"] / "resumed" / "adapter" / "adapter.safetensors"))
     assert all(torch.equal(v, ema_b[k]) for k, v in ema_a.items())
+    rerun = Trainer(config(setup, "resumed", "max_steps=6", "adapter_dtype=fp16", *common))
+    rerun.train()  # a finished run, rerun: nothing more to train, the adapter exported again in half precision
+    half = load_file(str(setup["root"] / "resumed" / "adapter" / "adapter.safetensors"))
+    assert rerun.step == 6 and all(torch.equal(v.half(), half[k]) for k, v in ema_a.items())
 
 
 def test_non_finite_losses_are_skipped_then_stop(setup, capsys):

@@ -106,6 +106,7 @@ class TrainConfig:
     attention: Literal["sdpa", "xformers", "eager"] = "sdpa"
     grounding_drop: float = 0.1  # probability of training a sample with null grounding (masks zeroed)
     ema_decay: float | None = None  # EMA of the adapter; the exported adapter is the EMA
+    adapter_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # of the exported adapter/; checkpoints stay fp32
     cache_dir: str | None = None  # cache VAE latents and text embeddings here
     checkpoint_every: int = 5000
     keep_checkpoints: int = 3

@@ -21,6 +21,7 @@ import torch
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
+from gligen.devices import parse_dtype
 from gligen.errors import Terminated, UserError, ignore_stop_signals
 from gligen.training import checkpoint, trackers, validation
 from gligen.training.dataset import ShardDataset
@@ -142,7 +143,7 @@ def train(trainer: Trainer) -> Path:
     out = trainer.output_dir / "adapter"
     adapter = checkpoint.inference_adapter(trainer)
     if adapter is not None:
-        adapter.save_pretrained(out)
+        adapter.to(parse_dtype(config.adapter_dtype)).save_pretrained(out)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
