@@ -71,7 +71,11 @@ class OpenSetDetector:
         config = load_config(path, FAMILIES)
         module, name = FAMILIES[config.model_type].split(":")
         family = getattr(importlib.import_module(module), name)
-        return family.load(path, config, torch.device(device), dtype)
+        detector = family.load(path, config, torch.device(device), dtype)
+        # a checkpoint may name its own defaults in config.json (the demo detector's are calibrated)
+        detector.default_box_threshold = getattr(config, "box_threshold", detector.default_box_threshold)
+        detector.default_text_threshold = getattr(config, "text_threshold", detector.default_text_threshold)
+        return detector
 
     @classmethod
     def load(cls, path: str, config, device: torch.device, dtype: torch.dtype) -> "OpenSetDetector":
@@ -100,7 +104,8 @@ class OpenSetDetector:
         """Detect the phrases and exemplars in every image; one `Detections` per image.
 
         `phrases` / `exemplars`: one list for all images, or one list per image (lists may differ).
-        Thresholds default to the family's (`default_box_threshold`, `default_text_threshold`);
+        Thresholds default to the checkpoint's (`box_threshold`, `text_threshold` in its config.json), else
+        the family's (`default_box_threshold`, `default_text_threshold`);
         `phrase_score` ("max" or "mean" over a phrase's tokens) and `text_threshold` concern
         Grounding DINO only. `nms_iou=None` turns per-query NMS off.
         """

@@ -13,11 +13,13 @@ from transformers import BertTokenizerFast, MMGroundingDinoForObjectDetection
 from transformers.models.mm_grounding_dino.modeling_mm_grounding_dino import SPECIAL_TOKENS
 
 from detector.detect import OpenSetDetector
+from detector.detections import Detections
 from detector.model import load_detector
 from detector.train import CaptionedExamples, CocoDetection, collate, model_inputs, training_settings
 from gligen.data.shapes import categories, render, sample_scene
 from gligen.demo import train_detector
 from gligen.demo.detector_model import MAX_TEXT_TOKENS, build_tokenizer, demo_config, minilm_vocab_file
+from gligen.layout import Entity, Layout
 
 STEPS = 24
 
@@ -99,6 +101,11 @@ def test_train_detector_end_to_end(tmp_path, capsys):
     assert metrics["model_mb"] < 8
     detector = OpenSetDetector.from_pretrained(str(out / "model"))
     assert detector.dtype == torch.float32 and detector.max_tokens == MAX_TEXT_TOKENS
+    # its default thresholds are the calibrated ones its config.json names
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert metrics["threshold"] in train_detector.THRESHOLDS and 0 <= metrics["calibration_f1"] <= 1
+    assert config["box_threshold"] == config["text_threshold"] == metrics["threshold"]
+    assert detector.default_box_threshold == detector.default_text_threshold == metrics["threshold"]
     assert detector.settings.shortest_edge == 128
     image = render(sample_scene(1, 0))[0]
     found = detector.detect(image, ["a red circle", "a blue star"], box_threshold=0.0, text_threshold=0.0)[0]
@@ -113,3 +120,22 @@ def test_train_detector_end_to_end(tmp_path, capsys):
     assert (out / "data" / "train" / "instances.json").stat().st_mtime_ns == mtime
     resumed = json.loads((out / "metrics.json").read_text())
     assert resumed["steps"] == STEPS and resumed["final_loss"] is None and resumed["AP50"] == metrics["AP50"]
+
+
+def test_detection_f1_matches_phrase_and_box_once_best_first():
+    """F1 of the detections above a threshold, each right when it takes a free true box of its phrase at IoU 0.5."""
+    layout = Layout("", (Entity("a red star", (0.0, 0.0, 0.5, 0.5)), Entity("a red star", (0.5, 0.5, 1.0, 1.0)),
+                         Entity("a blue ring", (0.5, 0.0, 1.0, 0.5))), width=64, height=64)
+    found = Detections(
+        boxes=torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.02, 0.0, 0.5, 0.5], [0.5, 0.0, 1.0, 0.5], [0.5, 0.5, 1.0, 1.0]]),
+        scores=torch.tensor([0.9, 0.6, 0.4, 0.1]), phrase_ids=torch.tensor([0, 0, 0, 0]),
+        phrases=["a red star", "a blue ring"], image_size=(64, 64))
+
+    def f1(threshold):
+        return train_detector.detection_f1([layout], [found], threshold)
+
+    assert f1(0.95) == 0  # nothing kept
+    assert f1(0.8) == 2 * 1 / (1 + 3)  # the first red star, right
+    assert f1(0.5) == 2 * 1 / (2 + 3)  # the duplicate of that box finds its true box taken
+    assert f1(0.3) == 2 * 1 / (3 + 3)  # "a red star" where the blue ring is: wrong phrase
+    assert f1(0.0) == 2 * 2 / (4 + 3)  # the second red star
