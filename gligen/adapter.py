@@ -32,6 +32,7 @@ from gligen.fuser import POSITION_OCTAVES, GatedSelfAttention, attach_fusers, bl
 from gligen.grounding import GroundingInputs, TextBoxPositionNet, TextImageBoxPositionNet
 from gligen.keypoints import MAX_PERSONS, KeypointPositionNet
 from gligen.maps.nets import MapConfig, MapDownsampler, MapTokenizer
+from gligen.schedule import Schedule, parse_schedule
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -57,6 +58,8 @@ class AdapterConfig:
     channels are then the extra input channels. `feature_type` None: no entity grounding (a map only).
     `visual_positions`: the fusers add Fourier features of each visual token's place to their attention
     input (`gligen.fuser`; not in official GLIGEN, so such an adapter exports to neither diffusers nor ComfyUI).
+    `schedule`: the scheduled sampling [a, b, c] the adapter is released for, generation's default (None: GLIGEN's
+    for its kind, `GligenPipeline.default_schedule`).
     """
 
     blocks: dict[str, tuple[int, int, int]]
@@ -72,6 +75,7 @@ class AdapterConfig:
     phrase_embedding: str = "pooler_output"
     condition: MapConfig | None = None
     visual_positions: bool = False
+    schedule: Schedule | None = None
 
     def __post_init__(self):
         if isinstance(self.condition, dict):
@@ -83,6 +87,8 @@ class AdapterConfig:
         if self.feature_type == "keypoint" and self.max_persons is None:
             self.max_persons = MAX_PERSONS
         self.blocks = {path: tuple(shape) for path, shape in self.blocks.items()}
+        if self.schedule is not None:
+            self.schedule = parse_schedule(self.schedule)
 
     @property
     def projected_phrases(self) -> bool:
@@ -127,6 +133,11 @@ class AdapterConfig:
         for key, (valid, wanted) in checks.items():
             if key in data and not valid(data[key]):
                 raise UserError(f"{where}: '{key}' must be {wanted}, got {data[key]!r}"[:300])
+        if data.get("schedule") is not None:
+            try:
+                parse_schedule(data["schedule"])
+            except (UserError, TypeError) as error:
+                raise UserError(f"{where}: 'schedule': {error}"[:300]) from None
         return cls(**data)
 
 

@@ -68,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="classifier-free guidance scale (default 7.5)")
     schedule = parser.add_mutually_exclusive_group()
     schedule.add_argument("--beta", type=fraction, help="grounding for the first beta of the steps (beta,0,1-beta)")
-    schedule.add_argument("--schedule", help="scheduled sampling a,b,c (default: the model's; 0.3,0,0.7 for boxes, "
+    schedule.add_argument("--schedule", help="scheduled sampling a,b,c (default: the adapter's own, else 0.3,0,0.7 for boxes, "
                           "0.9,0,0.1 for canny and HED maps, 0.7,0,0.3 for depth, normal and semantic maps)")
     parser.add_argument("--seed", type=seed, help="seed for every layout (default: each layout's own)")
     parser.add_argument("--scheduler", help="ddim, pndm, euler, euler_a, dpmpp, lms, unipc, ... (default: the model's)")

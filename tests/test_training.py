@@ -197,10 +197,17 @@ def test_kill_and_resume_equals_uninterrupted(setup):
     ema_a = load_file(str(setup["root"] / "straight" / "adapter" / "adapter.safetensors"))
     ema_b = load_file(str(setup["root"] / "resumed" / "adapter" / "adapter.safetensors"))
     assert all(torch.equal(v, ema_b[k]) for k, v in ema_a.items())
-    rerun = Trainer(config(setup, "resumed", "max_steps=6", "adapter_dtype=fp16", *common))
-    rerun.train()  # a finished run, rerun: nothing more to train, the adapter exported again in half precision
-    half = load_file(str(setup["root"] / "resumed" / "adapter" / "adapter.safetensors"))
+    rerun = Trainer(config(setup, "resumed", "max_steps=6", "adapter_dtype=fp16", "model.schedule=[0.8, 0, 0.2]",
+                           *common))
+    out = rerun.train()  # a finished run, rerun: nothing more to train, the adapter exported again in half precision
+    half = load_file(str(out / "adapter.safetensors"))
     assert rerun.step == 6 and all(torch.equal(v.half(), half[k]) for k, v in ema_a.items())
+    # with the schedule it is released for: generation's default
+    assert GligenPipeline.from_pretrained(str(setup["sd"]), adapter=str(out)).default_schedule == (0.8, 0.0, 0.2)
+    assert GligenPipeline.from_pretrained(str(setup["sd"]), adapter=str(setup["root"] / "straight" / "adapter")
+                                          ).default_schedule == (0.3, 0.0, 0.7)
+    with pytest.raises(UserError, match=r"config key model.schedule: schedule \[0.8, 0.0, 0.1\] must sum to 1"):
+        config(setup, "resumed", "model.schedule=[0.8, 0, 0.1]")
 
 
 def test_non_finite_losses_are_skipped_then_stop(setup, capsys):

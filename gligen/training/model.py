@@ -105,7 +105,7 @@ def make_adapter(config: TrainConfig, base: FrozenBase) -> GroundingAdapter:
             inpaint=config.model.inpaint, image_embed_dim=image_dim, base_model=config.model.base, condition=condition,
             phrase_embedding=embedding,
             max_persons=config.model.max_persons if config.model.feature_type == "keypoint" else None,
-            visual_positions=config.model.visual_positions,
+            visual_positions=config.model.visual_positions, schedule=config.model.schedule,
         )
         if config.model.gate_init:
             with torch.no_grad():
