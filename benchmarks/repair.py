@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/repair.py [--layouts 200] [--repair 3] [--steps 25] [--guidance 5] [--out DIR]
 
 The layouts are the shapes world's held-out scenes 0 .. L-1 (`gligen data shapes --format layouts
---seed 1 --size 32`; 2-4 coloured shapes each, the seed of scene i is i). Both runs go through
+--seed 1 --size 64`, the demo model's size; 1-3 coloured shapes each, the seed of scene i is i). Both runs go through
 `gligen generate --model demo` (the bundled base, adapter and detector, IoU 0.5) and their records are read
 back:
 
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gligen.bundled import native_size  # noqa: E402
 from gligen.cli import main as gligen  # noqa: E402
 from gligen.data.shapes import shape_layouts  # noqa: E402
 from gligen.layout import save_layouts  # noqa: E402
@@ -88,7 +89,7 @@ def main() -> None:
     root = Path(args.out or tempfile.mkdtemp(prefix="repair_benchmark_"))
     root.mkdir(parents=True, exist_ok=True)
     layouts = root / "layouts.jsonl"
-    save_layouts(layouts, shape_layouts(args.layouts, size=32, seed=1))
+    save_layouts(layouts, shape_layouts(args.layouts, size=native_size("demo"), seed=1))
     start = time.perf_counter()
     drawn = generate(layouts, root / "best_of", args, "--best-of", args.repair + 1)
     repaired = generate(layouts, root / "repair", args, "--repair", args.repair)

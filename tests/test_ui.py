@@ -153,12 +153,12 @@ def test_draw_generate_and_download(page, tmp_path):
     drawn = {phrase: _draw(page, image, box, phrase) for phrase, box in
              [("a red circle", (0.08, 0.10, 0.45, 0.50)), ("a blue star", (0.52, 0.40, 0.92, 0.88))]}
     page.locator("#prompt textarea").fill("a red circle and a blue star")
-    _wait_for_check(page, "2 entities, 32x32")
+    _wait_for_check(page, "2 entities, 64x64")
     page.locator("#layout-json .cm-content", has_text='"prompt": "a red circle and a blue star"').wait_for()
 
     layout_file = _download(page, "#download-layout", tmp_path)
     [layout] = load_layouts(layout_file)  # what `gligen generate --layout` reads
-    assert layout.prompt == "a red circle and a blue star" and (layout.width, layout.height) == (32, 32)
+    assert layout.prompt == "a red circle and a blue star" and (layout.width, layout.height) == (64, 64)
     assert sorted(layout.phrases) == sorted(drawn)
     width, height = image[2:]
     for entity in layout.entities:
@@ -168,14 +168,14 @@ def test_draw_generate_and_download(page, tmp_path):
     page.locator("#steps input").fill(STEPS)
     page.locator("#generate").click()
     size = _generated_size(page)
-    assert size == [32, 32]
+    assert size == [64, 64]
     assert "verified:" in page.inner_text("#status")
     record = json.loads(_download(page, "#files a[download='gligen.json']", tmp_path).read_text())
     assert record["image"] == "gligen.png" and record["model"] == "demo" and record["settings"]["steps"] == int(STEPS)
     assert record["layout"]["entities"] == json.loads(layout_file.read_text())["entities"]
     assert [e["phrase"] for e in record["verification"]["entities"]] == layout.phrases
     with Image.open(_download(page, "#files a[download='gligen.png']", tmp_path)) as png:
-        assert png.size == (32, 32)
+        assert png.size == (64, 64)
     if os.environ.get("GLIGEN_UI_SCREENSHOT"):
         page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=os.environ["GLIGEN_UI_SCREENSHOT"])
@@ -220,13 +220,13 @@ def test_bad_layouts_show_their_message(page, tmp_path):
 
 
 def test_layout_from_a_photo(page, tmp_path):
-    photo, truth = render(sample_scene(0, 0), size=32)
+    photo, truth = render(sample_scene(0, 0), size=64)
     photo.save(tmp_path / "shapes.png")
     page.get_by_role("tab", name="From a photo").click()
     page.locator("#photo input[type=file]").set_input_files(str(tmp_path / "shapes.png"))
     page.locator("#phrases textarea").fill("\n".join(truth.phrases))
     page.locator("#find-layout").click()
-    _wait_for_check(page, "3 entities")
+    _wait_for_check(page, f"{len(truth.entities)} entities")
     [found] = load_layouts(_download(page, "#download-layout", tmp_path))
     assert found.phrases == truth.phrases
     for box, true_box in zip(found.boxes, truth.boxes):
@@ -247,7 +247,7 @@ def test_two_sessions_at_once(browser, server):
     for page in pages:
         page.locator("#generate").click()
     for seed, page in zip((11, 12), pages):
-        assert _generated_size(page) == [32, 32]
+        assert _generated_size(page) == [64, 64]
         assert f"(seed {seed})" in page.inner_text("#status")
         page.context.close()
 
