@@ -37,7 +37,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SERVER_START_S = 600  # upper bounds: imports and the model load before the page is served, on a machine
 GENERATE_S = 300  # that may be busy (about 15 s and 2 s when it is not)
-STEPS = "10"
+STEPS = "25"  # the demo's scores are at 25
 CHECK_LINE = "#layout-check [data-testid=markdown]"  # the page's line about its layout
 
 
