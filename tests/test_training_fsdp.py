@@ -77,3 +77,17 @@ def test_fsdp_version_1_is_refused_before_the_model_loads(tmp_path, monkeypatch)
             Trainer(config)
     finally:
         AcceleratorState._reset_state(True)
+
+
+def test_deepspeed_launched_on_cpus_is_refused_rather_than_run_as_ddp(tmp_path):
+    """accelerate turns DeepSpeed on for GPUs only: on CPUs it would train plain DDP without a word."""
+    pytest.importorskip("deepspeed", reason="`accelerate launch` of a DeepSpeed config needs deepspeed installed")
+    shards = tmp_path / "shards"
+    write_shards(str(shards), 4, size=40, samples_per_shard=2)
+    done = accelerate_launch("train.py", "--config", "configs/tiny_test.yaml", f"model.base={tmp_path / 'nowhere'}",
+                             f"data.shards={shards}", f"output_dir={tmp_path / 'out'}",
+                             config_file="configs/accelerate/deepspeed_zero2.yaml", env={"DS_ACCELERATOR": "cpu"})
+    assert done.returncode != 0
+    assert ("train.py: error: the launch asks for DeepSpeed, but accelerate runs these processes as MULTI_CPU (plain data "
+            "parallel); on CPUs use configs/accelerate/fsdp.yaml") in done.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()

@@ -22,6 +22,7 @@ Output directory:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -71,6 +72,11 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )
         fsdp.setup(self.accelerator, config.mixed_precision)
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and \
+                self.accelerator.distributed_type != DistributedType.DEEPSPEED:  # accelerate's DeepSpeed wants GPUs
+            raise UserError(f"the launch asks for DeepSpeed, but accelerate runs these processes as "
+                            f"{self.accelerator.distributed_type.value} (plain data parallel); on CPUs use "
+                            "configs/accelerate/fsdp.yaml")
         if launched > 1 and self.accelerator.num_processes == 1:
             raise UserError(f"{launched} processes were launched but did not join (each would train alone and "
                             "write the same checkpoints); check the accelerate launch configuration")
