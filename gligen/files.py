@@ -87,8 +87,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     with naming_os_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
         try:
+            os.close(fd)
             yield Path(tmp)
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes private files; outputs get the usual permissions
             os.replace(tmp, path)

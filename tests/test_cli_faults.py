@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -201,6 +202,35 @@ def test_disk_full_in_a_shard_keeps_the_complete_shards(tmp_path, capsys, monkey
     monkeypatch.undo()
     assert call(gligen_main, "data", "shapes", "--n", 8, "--size", 16, "--samples-per-shard", 2, "--out", out) == 0
     assert len(list(out.glob("shard-*.tar"))) == 4
+
+
+def test_ctrl_c_while_a_shard_opens_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
+    """The signal may come after a shard's temporary file exists and before anything holds it to delete it."""
+    from gligen.data import writer
+
+    real, opened = writer.atomic_path, []
+
+    class MadeThenInterrupted:
+        def __init__(self, path):
+            self.path = path
+
+        def __enter__(self):
+            tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            raise KeyboardInterrupt
+
+        def __exit__(self, *exc):  # never called: entering failed
+            raise AssertionError("unreachable")
+
+    def third_is_interrupted(path):
+        opened.append(path)
+        return MadeThenInterrupted(path) if len(opened) == 3 else real(path)
+
+    monkeypatch.setattr(writer, "atomic_path", third_is_interrupted)
+    out = tmp_path / "shards"
+    line = one_line(capsys, gligen_main, "data", "shapes", "--n", 8, "--size", 16, "--samples-per-shard", 2,
+                    "--out", out, status=130)
+    assert line == f"gligen: interrupted (2 complete shards (4 inputs) in {out}); rerun the same command to resume"
+    assert leftovers(out) == [] and sorted(p.name for p in out.glob("shard-*")) == ["shard-000000.tar", "shard-000001.tar"]
 
 
 @pytest.fixture

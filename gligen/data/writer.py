@@ -99,9 +99,12 @@ class ShardWriter:
                 f"{self.out_dir}: was written with other options: {changes}; "
                 "use another --out directory, or delete this one to start over"
             )
-        for stale in self.out_dir.glob(".shard-*.tmp"):
-            stale.unlink()  # a shard the previous run did not finish
+        self._remove_unfinished_shards()  # the previous run's, if it was killed
         return state
+
+    def _remove_unfinished_shards(self) -> None:
+        for unfinished in self.out_dir.glob(".shard-*.tmp"):
+            unfinished.unlink(missing_ok=True)
 
     @property
     def start(self) -> int:
@@ -184,7 +187,13 @@ class ShardWriter:
         return self.out_dir / f"shard-{index:06d}.tar"
 
     def _finished(self) -> str:
-        return f"{len(self.state['shards'])} complete shards ({self.state['inputs']} inputs) in {self.out_dir}"
+        """What a rerun resumes from: the manifest on disk (a signal may come between a shard's entry in memory and
+        the manifest's writing)."""
+        try:
+            committed = json.loads((self.out_dir / MANIFEST).read_text())
+        except (OSError, ValueError):
+            committed = {"shards": [], "inputs": 0}
+        return f"{len(committed['shards'])} complete shards ({committed['inputs']} inputs) in {self.out_dir}"
 
     def _open_shard(self) -> None:
         path = self._shard_path(len(self.state["shards"]))
@@ -217,7 +226,9 @@ class ShardWriter:
             with contextlib.suppress(OSError, ValueError):  # the disk may still be full: the file goes anyway
                 self._tar.close()
             self._tar = None
-            self._shard.__exit__(type(error), error, error.__traceback__)  # deletes the temporary file
+        self._shard.__exit__(type(error), error, error.__traceback__)  # deletes the temporary file
+        # and one the stack never held: a signal can come between the file's making and its registration
+        self._remove_unfinished_shards()
 
     def close(self) -> dict[str, Any]:
         """Write the last shard, mark the job complete, print and save the summary."""
