@@ -129,6 +129,8 @@ class AdapterConfig:
             "base_model": (lambda v: v is None or isinstance(v, str), "a string or null"),
             "max_persons": (lambda v: v is None or _positive(v), "a positive integer or null"),
             "visual_positions": (lambda v: isinstance(v, bool), "true or false"),
+            "schedule": (lambda v: v is None or isinstance(v, list) and all(_number(x) for x in v),
+                         "a list [a, b, c] of fractions or null"),
         }
         for key, (valid, wanted) in checks.items():
             if key in data and not valid(data[key]):
@@ -136,13 +138,17 @@ class AdapterConfig:
         if data.get("schedule") is not None:
             try:
                 parse_schedule(data["schedule"])
-            except (UserError, TypeError) as error:
+            except UserError as error:
                 raise UserError(f"{where}: 'schedule': {error}"[:300]) from None
         return cls(**data)
 
 
 def _positive(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_tensors(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], where: str) -> None:

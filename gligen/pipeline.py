@@ -232,10 +232,12 @@ class GligenPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversionLo
     def default_schedule(self) -> Schedule:
         """The scheduled sampling the model was released with: the adapter's own (`AdapterConfig.schedule`), else its
         map condition's, else GLIGEN's box default."""
-        config = self.adapter.config if self.adapter is not None else None
-        if config is not None and config.schedule is not None:
+        if self.adapter is None:
+            return DEFAULT_SCHEDULE
+        config = self.adapter.config
+        if config.schedule is not None:
             return config.schedule
-        return DEFAULT_SCHEDULES[config.condition.type] if config is not None and config.condition else DEFAULT_SCHEDULE
+        return DEFAULT_SCHEDULES[config.condition.type] if config.condition is not None else DEFAULT_SCHEDULE
 
     def set_attention(self, kind: str) -> None:
         """'sdpa' (PyTorch scaled_dot_product_attention, diffusers' default) or 'xformers', on every attention."""

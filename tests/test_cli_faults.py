@@ -422,6 +422,7 @@ def test_best_of_may_not_carry_a_seed_past_the_largest(tmp_path, capsys):
     ({"blocks": {"b": [32, 2, 16]}, "schedule": [0.5, 0.5]},
      "'schedule': schedule [0.5, 0.5] must be three non-negative fractions a,b,c"),
     ({"blocks": {"b": [32, 2, 16]}, "schedule": [0.5, 0, 0.2]}, "'schedule': schedule [0.5, 0, 0.2] must sum to 1"),
+    ({"blocks": {"b": [32, 2, 16]}, "schedule": 0.8}, "'schedule' must be a list [a, b, c] of fractions or null, got 0.8"),
     ([1, 2], "expected a JSON object, got list"),
 ])
 def test_a_malformed_adapter_config_is_one_line_naming_file_and_key(config, message, tmp_path, capsys):
