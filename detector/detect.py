@@ -72,9 +72,12 @@ class OpenSetDetector:
         module, name = FAMILIES[config.model_type].split(":")
         family = getattr(importlib.import_module(module), name)
         detector = family.load(path, config, torch.device(device), dtype)
-        # a checkpoint may name its own defaults in config.json (the demo detector's are calibrated)
-        detector.default_box_threshold = getattr(config, "box_threshold", detector.default_box_threshold)
-        detector.default_text_threshold = getattr(config, "text_threshold", detector.default_text_threshold)
+        for name in ("box_threshold", "text_threshold"):  # a checkpoint may name its own (the demo detector's)
+            value = getattr(config, name, None)
+            if value is not None:
+                require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1,
+                        f"{path}: config.json's '{name}' must be a number in [0, 1], got {value!r}")
+                setattr(detector, f"default_{name}", float(value))
         return detector
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,22 @@ def test_detection_f1_matches_phrase_and_box_once_best_first():
     assert f1(0.5) == 2 * 1 / (2 + 3)  # the duplicate of that box finds its true box taken
     assert f1(0.3) == 2 * 1 / (3 + 3)  # "a red star" where the blue ring is: wrong phrase
     assert f1(0.0) == 2 * 2 / (4 + 3)  # the second red star
+
+
+def test_thresholds_in_a_checkpoint_config_are_its_defaults_and_checked(tmp_path):
+    from gligen.demo import MODELS_DIR
+    from gligen.errors import UserError
+
+    for value, expected in ((0.3, 0.3), (None, 0.35)):
+        model = tmp_path / f"detector-{value}"
+        shutil.copytree(MODELS_DIR / "detector", model)
+        config = json.loads((model / "config.json").read_text())
+        config.pop("box_threshold", None)
+        if value is not None:
+            config["box_threshold"] = value
+        (model / "config.json").write_text(json.dumps(config))
+        assert OpenSetDetector.from_pretrained(str(model)).default_box_threshold == expected  # else the family's
+    config["box_threshold"] = "high"
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"config.json's 'box_threshold' must be a number in \[0, 1\], got 'high'"):
+        OpenSetDetector.from_pretrained(str(model))
