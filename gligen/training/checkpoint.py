@@ -10,7 +10,8 @@
 R is each process's rank. accelerate writes what it wraps, which is the adapter alone (see
 `model.GroundedUNet`); under FSDP (version 2) accelerate writes the adapter's and its optimizer's
 shards instead of `optimizer.bin` (`pytorch_model_fsdp_0/`, `optimizer_0/`: torch.distributed.checkpoint
-directories), and under DeepSpeed (not yet run) its engine files. A checkpoint is written into a hidden `.tmp-`
+directories), and under DeepSpeed its engine files (`pytorch_model/`: the adapter's weights, and per process
+its ZeRO partition of the optimizer state), which are read weights-only before DeepSpeed loads them. A checkpoint is written into a hidden `.tmp-`
 directory renamed when complete, so an interrupted save leaves the previous one as the latest.
 """
 
@@ -33,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from gligen.adapter import GroundingAdapter
 from gligen.errors import UserError
 from gligen.files import atomic_path, write_json
+from gligen.training import sharding
 from gligen.training.dataset import DataPosition
 
 if TYPE_CHECKING:
@@ -89,20 +91,24 @@ def register_hooks(trainer: Trainer) -> None:
 def trained_adapter(trainer: Trainer) -> GroundingAdapter | None:
     """The trained adapter with all its weights, on the main process (None on the others).
 
-    Every process must call it: under FSDP the full weights are gathered from the shards into
-    a new adapter (with diffusers' 0-dim gates again); otherwise it is the adapter being trained itself.
+    Every process must call it. Under FSDP the full weights are gathered from the shards, and
+    under DeepSpeed (ZeRO 1 and 2 keep whole weights in every process) read from the adapter,
+    into a new adapter with diffusers' 0-dim gates again; otherwise it is the adapter being trained itself.
     """
     accelerator = trainer.accelerator
     if accelerator.distributed_type == DistributedType.FSDP:
         state = accelerator.get_state_dict(trainer.model)  # the full weights, on the main process
-        if not accelerator.is_main_process:
-            return None
-        adapter = GroundingAdapter(copy.deepcopy(trainer.adapter.config))
-        own = adapter.state_dict()
-        full = {k.removeprefix("adapter."): v for k, v in state.items()}
-        adapter.load_state_dict({k: v.reshape(own[k].shape) for k, v in full.items()})
-        return adapter
-    return trainer.adapter if accelerator.is_main_process else None
+        state = {k.removeprefix("adapter."): v for k, v in state.items()}
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        state = trainer.adapter.state_dict()
+    else:
+        return trainer.adapter if accelerator.is_main_process else None
+    if not accelerator.is_main_process:
+        return None
+    adapter = GroundingAdapter(copy.deepcopy(trainer.adapter.config))
+    own = adapter.state_dict()
+    adapter.load_state_dict({k: v.detach().reshape(own[k].shape) for k, v in state.items()})
+    return adapter
 
 
 def inference_adapter(trainer: Trainer) -> GroundingAdapter | None:
@@ -163,6 +169,8 @@ def resume(trainer: Trainer) -> Path | None:
     if found is None:
         return None
     try:
+        if trainer.accelerator.distributed_type == DistributedType.DEEPSPEED and not trainer.config.trust_pickle:
+            sharding.check_engine_files(found)
         trainer.accelerator.load_state(str(found), load_kwargs={"weights_only": False} if trainer.config.trust_pickle else None)
     except pickle.UnpicklingError:  # accelerate reads its state files weights-only: no code runs from them
         raise UserError(f"{found}: a state file is a pickle that needs code to load; refused (no code ran). "

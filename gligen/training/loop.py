@@ -152,7 +152,9 @@ def train(trainer: Trainer) -> Path:
 def update(trainer: Trainer, window: Window) -> None:
     """Clip, step the optimizer, the lr schedule and the EMA: one update of the adapter."""
     norm = trainer.accelerator.clip_grad_norm_(trainer.model.parameters(), trainer.config.optim.max_grad_norm)
-    window.grad_norm += float(norm) if norm is not None else float("nan")  # DeepSpeed clips inside its step
+    if norm is None:  # DeepSpeed clips inside its step, which accelerate's backward has taken
+        norm = trainer.model.get_global_grad_norm()
+    window.grad_norm += float(norm) if norm is not None else float("nan")
     trainer.optimizer.step()
     trainer.lr_scheduler.step()
     if trainer.ema:

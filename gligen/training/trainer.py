@@ -22,7 +22,6 @@ Output directory:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -38,7 +37,7 @@ from gligen.errors import UserError
 from gligen.files import check_writable
 from gligen.grounding import GroundingInputs
 from gligen.layout import load_layouts
-from gligen.training import checkpoint, fsdp, loop, step, trackers, validation
+from gligen.training import checkpoint, loop, sharding, step, trackers, validation
 from gligen.training.batch import TrainingBatch
 from gligen.training.cache import EncodingCache
 from gligen.training.config import TrainConfig
@@ -71,12 +70,7 @@ class Trainer:
             log_with=trackers.installed_trackers(config.report_to),
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )
-        fsdp.setup(self.accelerator, config.mixed_precision)
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and \
-                self.accelerator.distributed_type != DistributedType.DEEPSPEED:  # accelerate's DeepSpeed wants GPUs
-            raise UserError(f"the launch asks for DeepSpeed, but accelerate runs these processes as "
-                            f"{self.accelerator.distributed_type.value} (plain data parallel); on CPUs use "
-                            "configs/accelerate/fsdp.yaml")
+        sharding.setup(self.accelerator, config)
         if launched > 1 and self.accelerator.num_processes == 1:
             raise UserError(f"{launched} processes were launched but did not join (each would train alone and "
                             "write the same checkpoints); check the accelerate launch configuration")
@@ -97,8 +91,8 @@ class Trainer:
                             f"{self.noise_scheduler.config.num_train_timesteps} training timesteps")
 
         self.adapter = make_adapter(config, self.base).to(self.device)
-        if self.accelerator.distributed_type == DistributedType.FSDP:
-            fsdp.vector_gates(self.adapter)
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            sharding.vector_gates(self.adapter)
         unet = self.base.unet
         model = GroundedUNet(unet, self.adapter)
         set_attention(unet, config.attention)
