@@ -22,7 +22,7 @@ from gligen.training.dataset import ShardDataset
 from tests.launch import ROOT
 from gligen.data.shapes import write_shards
 from tests.test_training import config
-from tests.tiny import save_tiny_sd
+from tests.tiny import save_tiny_sd, tiny_train_args
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,7 @@ def run_command(*args, cwd=ROOT, **kwargs):
 
 
 def tiny_args(setup, out, *overrides):
-    return [f"model.base={setup['sd']}", f"data.shards={setup['shards']}", f"output_dir={out}", "data.resolution=16",
-            *overrides]
+    return tiny_train_args(setup["sd"], setup["shards"], out, *overrides)
 
 
 def test_batches_are_typed_and_read_by_key_as_before(setup):

@@ -22,11 +22,11 @@ from gligen.eval.metrics import KEYPOINT_STATS, keypoint_ap
 from gligen.grounding import STYLE_BOX, GroundingInputs
 from gligen.layout import Entity, Layout, LayoutError, load_layouts, save_layouts
 from gligen.pose import FLIP_INDEX, KEYPOINT_NAMES, SKELETON
-from gligen.training import Trainer, load_config
+from gligen.training import Trainer
 from gligen.training.config import DataConfig
 from gligen.training.dataset import ShardDataset, augment
 from tests.test_convert import EXECUTED, official_checkpoint, tiny_gligen_unet
-from tests.tiny import HIDDEN, save_tiny_sd
+from tests.tiny import HIDDEN, save_tiny_sd, tiny_train_config
 
 # A standing person (normalized x, y of COCO's 17 keypoints), facing the viewer: its left side on the image's right.
 POSE = [(0.50, 0.15), (0.53, 0.12), (0.47, 0.12), (0.56, 0.14), (0.44, 0.14), (0.60, 0.30), (0.40, 0.30),
@@ -324,10 +324,9 @@ def _fixed_loss(trainer, batch):
 
 
 def test_keypoint_training_lowers_the_loss_and_the_adapter_generates(keypoint_run, tmp_path, capsys):
-    config = load_config("configs/tiny_test.yaml", [
-        f"model.base={keypoint_run['sd']}", f"data.shards={keypoint_run['shards']}", f"output_dir={tmp_path / 'run'}",
-        "data.resolution=16", "model.feature_type=keypoint", "model.max_persons=2", "max_steps=10",
-        "grounding_drop=0", "data.caption_drop=0", "optim.lr=3e-3", "checkpoint_every=10"])
+    config = tiny_train_config(keypoint_run["sd"], keypoint_run["shards"], tmp_path / "run", "model.feature_type=keypoint",
+                               "model.max_persons=2", "max_steps=10", "grounding_drop=0", "data.caption_drop=0",
+                               "optim.lr=3e-3", "checkpoint_every=10")
     trainer = Trainer(config)
     assert trainer.adapter.position_net.person_embeddings.shape == (2, HIDDEN)
     batch = next(iter(ShardDataset(trainer.config.data, batch_size=4, seed=1)))

@@ -13,7 +13,7 @@ from gligen.maps.extract import canny, normals_from_depth
 from gligen.pipeline import GligenPipeline
 from gligen.training import Trainer, load_config
 from gligen.training.dataset import ShardDataset
-from tests.tiny import save_tiny_sd
+from tests.tiny import save_tiny_sd, tiny_train_config
 
 
 def square_picture(size=64, left=16, right=48):
@@ -85,12 +85,10 @@ def test_shards_carry_canny_maps_made_at_write_time(canny_setup):
 
 def test_a_canny_adapter_trains_from_shards_and_generates(canny_setup, tmp_path):
     root = canny_setup["root"]
-    config = load_config("configs/tiny_test.yaml", [
-        f"model.base={canny_setup['sd']}", f"data.shards={root / 'shards'}", f"output_dir={tmp_path / 'run'}",
-        "data.resolution=16", "model.feature_type=null", "model.condition=canny",
-        f"model.condition_backbone={root / 'convnext'}", "model.condition_resize_input=32",
-        "max_steps=10", "grounding_drop=0", "data.caption_drop=0", "optim.lr=3e-3", "checkpoint_every=10",
-    ])
+    config = tiny_train_config(canny_setup["sd"], root / "shards", tmp_path / "run", "model.feature_type=null",
+                               "model.condition=canny", f"model.condition_backbone={root / 'convnext'}",
+                               "model.condition_resize_input=32", "max_steps=10", "grounding_drop=0", "data.caption_drop=0",
+                               "optim.lr=3e-3", "checkpoint_every=10")
     trainer = Trainer(config)
     adapter = trainer.adapter
     assert adapter.position_net is None and adapter.condition_type == "canny" and adapter.config.extra_in_channels == 8

@@ -8,10 +8,10 @@ from diffusers import StableDiffusionXLPipeline
 from gligen.adapter import GroundingAdapter
 from gligen.layout import Entity, Layout
 from gligen.pipeline import GligenPipeline
-from gligen.training import Trainer, load_config
+from gligen.training import Trainer
 from gligen.training.dataset import ShardDataset
 from gligen.data.shapes import write_shards
-from tests.tiny import HIDDEN, SDXL_CROSS, SDXL_HIDDEN_2, randomize_grounding, save_tiny_sdxl
+from tests.tiny import HIDDEN, SDXL_CROSS, SDXL_HIDDEN_2, randomize_grounding, save_tiny_sdxl, tiny_train_config
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +73,8 @@ def test_sdxl_prompt_and_phrase_embeddings(sdxl):
 def test_sdxl_adapter_trains_and_generates(sdxl, tmp_path):
     shards = tmp_path / "shards"
     write_shards(str(shards), 8, size=40, samples_per_shard=4)
-    config = load_config("configs/tiny_test.yaml", [
-        f"model.base={sdxl}", f"data.shards={shards}", f"output_dir={tmp_path / 'run'}", "data.resolution=16",
-        "max_steps=4", "grounding_drop=0", "data.caption_drop=0", "optim.lr=3e-3",
-    ])
+    config = tiny_train_config(sdxl, shards, tmp_path / "run", "max_steps=4", "grounding_drop=0", "data.caption_drop=0",
+                               "optim.lr=3e-3")
     trainer = Trainer(config)
     assert trainer.prompts.is_sdxl and trainer.adapter.config.positive_len == SDXL_CROSS
     base = {k: v.clone() for k, v in trainer.parts["unet"].state_dict().items() if ".fuser." not in k}

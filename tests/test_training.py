@@ -25,7 +25,7 @@ from gligen.training import Trainer, TrainingStopped, load_config
 from gligen.training.config import DataConfig
 from gligen.training.dataset import DataPosition, ShardDataset, augment, swap_left_right
 from tests.launch import accelerate_launch
-from tests.tiny import HIDDEN, save_tiny_sd, tiny_image_encoder
+from tests.tiny import HIDDEN, save_tiny_sd, tiny_image_encoder, tiny_train_args, tiny_train_config
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +43,7 @@ def setup(tmp_path_factory):
 
 
 def config(setup, out, *overrides):
-    return load_config("configs/tiny_test.yaml", [
-        f"model.base={setup['sd']}", f"data.shards={setup['shards']}", f"output_dir={setup['root'] / out}",
-        "data.resolution=16", *overrides,
-    ])
+    return tiny_train_config(setup["sd"], setup["shards"], setup["root"] / out, *overrides)
 
 
 def adapter_tensors(trainer):
@@ -482,9 +479,8 @@ def test_two_launched_processes_train_checkpoint_and_resume_exactly(setup, tmp_p
     write_shards(str(shards), 16, size=40, samples_per_shard=4)
 
     def launch(out, steps):
-        done = accelerate_launch("train.py", "--config", "configs/tiny_test.yaml", f"model.base={setup['sd']}",
-                                 f"data.shards={shards}", f"output_dir={tmp_path / out}", "data.resolution=16",
-                                 "batch_size=1", f"max_steps={steps}", "checkpoint_every=2", "ema_decay=0.9")
+        done = accelerate_launch("train.py", "--config", "configs/tiny_test.yaml", *tiny_train_args(
+            setup["sd"], shards, tmp_path / out, "batch_size=1", f"max_steps={steps}", "checkpoint_every=2", "ema_decay=0.9"))
         assert done.returncode == 0, done.stderr[-3000:]
 
     launch("straight", 4)

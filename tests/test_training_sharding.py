@@ -17,7 +17,7 @@ from gligen.data.shapes import write_shards
 from gligen.errors import UserError
 from gligen.training import Trainer, load_config
 from tests.launch import accelerate_launch
-from tests.tiny import save_tiny_sd
+from tests.tiny import save_tiny_sd, tiny_train_args
 
 
 def tensor_sizes(directory) -> dict[str, torch.Size]:
@@ -32,10 +32,9 @@ def test_fsdp_checkpoints_hold_the_adapter_alone_and_resume_exactly(tmp_path):
     sd = save_tiny_sd(tmp_path / "sd")
 
     def launch(out, steps):
-        done = accelerate_launch("train.py", "--config", "configs/tiny_test.yaml", f"model.base={sd}",
-                                 f"data.shards={shards}", f"output_dir={tmp_path / out}", "data.resolution=16",
-                                 "batch_size=1", f"max_steps={steps}", "checkpoint_every=2",
-                                 config_file="configs/accelerate/fsdp.yaml")
+        done = accelerate_launch("train.py", "--config", "configs/tiny_test.yaml", *tiny_train_args(
+            sd, shards, tmp_path / out, "batch_size=1", f"max_steps={steps}", "checkpoint_every=2"),
+            config_file="configs/accelerate/fsdp.yaml")
         assert done.returncode == 0, done.stderr[-3000:]
         return done
 
@@ -100,10 +99,9 @@ def test_deepspeed_zero2_trains_as_ddp_does_keeps_the_adapter_alone_and_resumes_
     sd = save_tiny_sd(tmp_path / "sd")
 
     def launch(out, config_file):
-        return accelerate_launch("train.py", "--config", "configs/tiny_test.yaml", f"model.base={sd}",
-                                 f"data.shards={shards}", f"output_dir={tmp_path / out}", "data.resolution=16",
-                                 "batch_size=1", "max_steps=4", "checkpoint_every=2", "log_every=2",
-                                 config_file=config_file)
+        return accelerate_launch("train.py", "--config", "configs/tiny_test.yaml", *tiny_train_args(
+            sd, shards, tmp_path / out, "batch_size=1", "max_steps=4", "checkpoint_every=2", "log_every=2"),
+            config_file=config_file)
 
     zero2 = "configs/accelerate/deepspeed_zero2.yaml"
     for out, config_file in (("ddp", None), ("deepspeed", zero2)):

@@ -12,9 +12,9 @@ from gligen.data.shapes import write_shards
 from gligen.errors import UserError
 from gligen.layout import Entity, Layout
 from gligen.pipeline import GligenPipeline
-from gligen.training import Trainer, load_config
+from gligen.training import Trainer
 from gligen.training.step import encode_phrases
-from tests.tiny import HIDDEN, SDXL_CROSS, SDXL_PROJECTION, save_tiny_sd, save_tiny_sdxl
+from tests.tiny import HIDDEN, SDXL_CROSS, SDXL_PROJECTION, save_tiny_sd, save_tiny_sdxl, tiny_train_config
 
 PHRASES = ["a red circle", "a blue square", "a green triangle"]
 
@@ -28,10 +28,7 @@ def setup(tmp_path_factory):
 
 
 def config(setup, out, *overrides):
-    return load_config("configs/tiny_test.yaml", [
-        f"model.base={setup['sdxl']}", f"data.shards={setup['shards']}", f"output_dir={setup['root'] / out}",
-        "data.resolution=16", "max_steps=2", *overrides,
-    ])
+    return tiny_train_config(setup["sdxl"], setup["shards"], setup["root"] / out, "max_steps=2", *overrides)
 
 
 def reference_phrase_embeds(base, phrases):

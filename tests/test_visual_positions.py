@@ -12,9 +12,10 @@ from gligen.adapter import GroundingAdapter
 from gligen.fuser import token_centres
 from gligen.layout import Entity, Layout
 from gligen.pipeline import GligenPipeline
-from gligen.training import Trainer, load_config
+from gligen.data.shapes import write_shards
+from gligen.training import Trainer
 from tests.test_convert import convert_cli
-from tests.tiny import save_tiny_gligen, save_tiny_sd
+from tests.tiny import save_tiny_gligen, save_tiny_sd, tiny_train_config
 
 
 @pytest.mark.parametrize("latent_size", [(6, 10), (5, 7), (8, 8)])
@@ -66,13 +67,9 @@ def test_fresh_visual_positions_change_nothing_and_trained_ones_do(pipelines):
 
 def test_a_trained_adapter_with_visual_positions_saves_loads_and_does_not_export(tmp_path, capsys):
     root = tmp_path / "run"
-    config = load_config("configs/tiny_test.yaml", [
-        f"model.base={save_tiny_sd(tmp_path / 'sd')}", f"data.shards={tmp_path / 'shards'}", f"output_dir={root}",
-        "data.resolution=16", "max_steps=2", "grounding_drop=0", "model.gate_init=0.5", "model.visual_positions=true",
-    ])
-    from gligen.data.shapes import write_shards
-
     write_shards(str(tmp_path / "shards"), 8, size=40, samples_per_shard=4)
+    config = tiny_train_config(save_tiny_sd(tmp_path / "sd"), tmp_path / "shards", root, "max_steps=2", "grounding_drop=0",
+                               "model.gate_init=0.5", "model.visual_positions=true")
     trainer = Trainer(config)
     trainer.train()
     saved = load_file(str(root / "adapter" / "adapter.safetensors"))

@@ -175,3 +175,15 @@ def save_tiny_gligen(directory: str | Path, in_channels: int = 4, gate: float = 
                                          feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(directory / "pipe")
     return pipe, directory / "pipe"
+
+
+def tiny_train_args(base: str | Path, shards: str | Path, output_dir: str | Path, *overrides: str) -> list[str]:
+    """The `key=value` overrides that run configs/tiny_test.yaml on a tiny base and shards at 16 px, then `overrides`."""
+    return [f"model.base={base}", f"data.shards={shards}", f"output_dir={output_dir}", "data.resolution=16", *overrides]
+
+
+def tiny_train_config(base: str | Path, shards: str | Path, output_dir: str | Path, *overrides: str):
+    """configs/tiny_test.yaml with `tiny_train_args`: a TrainConfig."""
+    from gligen.training import load_config
+
+    return load_config("configs/tiny_test.yaml", tiny_train_args(base, shards, output_dir, *overrides))
