@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from gligen.draw import draw_boxes, make_grid
 from gligen.errors import UserError
 from gligen.eval.annotations import Category, EvalSet, Filters, Record, is_number, load_eval_set, unique
+from gligen.eval.score import DetectionSettings
 from gligen.files import open_image, read_text, save_image, write_json
 from gligen.masks import box_pixels
 from gligen.layout import Box, Entity, Layout
@@ -313,17 +314,10 @@ def load_mig_set(
 
 
 @dataclass(frozen=True)
-class MigSettings:
+class MigSettings(DetectionSettings):
     box_threshold: float = 0.25  # MIG-Bench's Grounding DINO thresholds
     text_threshold: float = 0.25
-    iou_threshold: float = 0.5
     color_fraction: float = DEFAULT_COLOR_FRACTION
-    batch_size: int = 4
-    num_samples: int = 16  # images in the grid
-
-    def __post_init__(self):
-        if self.batch_size < 1 or self.num_samples < 1:
-            raise UserError("the batch size and the number of samples must be at least 1")
 
 
 @dataclass

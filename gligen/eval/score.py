@@ -41,10 +41,11 @@ MAX_LISTED_MISSING = 20  # report.md lists this many missing files; report.json 
 
 
 @dataclass(frozen=True)
-class ScoreSettings:
-    box_threshold: float = 0.05  # low: AP integrates over the whole precision-recall curve
-    text_threshold: float = 0.05
-    verify_threshold: float | None = None  # box threshold of the layout checks; None: the detector family's
+class DetectionSettings:
+    """Scoring images with a detector: its thresholds, the overlap an entity needs, batch and grid sizes."""
+
+    box_threshold: float
+    text_threshold: float
     iou_threshold: float = 0.5  # an entity is placed when its best detection overlaps its box this much
     batch_size: int = 4
     num_samples: int = 16  # images in the grid
@@ -52,6 +53,16 @@ class ScoreSettings:
     def __post_init__(self):
         if self.batch_size < 1 or self.num_samples < 1:
             raise UserError("the batch size and the number of samples must be at least 1")
+
+
+@dataclass(frozen=True)
+class ScoreSettings(DetectionSettings):
+    box_threshold: float = 0.05  # low: AP integrates over the whole precision-recall curve
+    text_threshold: float = 0.05
+    verify_threshold: float | None = None  # box threshold of the layout checks; None: the detector family's
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.verify_threshold is not None and self.verify_threshold < self.box_threshold:
             raise UserError(f"the layout checks' box threshold {self.verify_threshold} is below the "
                             f"detection threshold {self.box_threshold}")
