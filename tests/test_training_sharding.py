@@ -67,15 +67,24 @@ def test_fsdp_checkpoints_hold_the_adapter_alone_and_resume_exactly(tmp_path):
     assert sum(v.numel() for v in state.values()) == 2 * sum(trainable.values()) + len(trainable)  # + the steps
 
 
-def test_fsdp_version_1_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["fsdp version 1", "zero-3"])
+def test_unsupported_sharding_is_refused_before_the_model_loads(tmp_path, monkeypatch, kind):
+    if kind == "zero-3":
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install --no-build-isolation deepspeed)")
     write_shards(str(tmp_path / "shards"), 4, size=40, samples_per_shard=4)
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp --fsdp_version 1` sets
-    monkeypatch.setenv("FSDP_VERSION", "1")
+    launch_env, message = {  # what `accelerate launch` sets for such a config
+        "fsdp version 1": ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"},
+                           "FSDP version 1 cannot resume its optimizer state; set fsdp_version: 2"),
+        "zero-3": ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+                   r"DeepSpeed ZeRO stage 3 is not supported \(the adapter is small"),
+    }[kind]
+    for name, value in launch_env.items():
+        monkeypatch.setenv(name, value)
     config = load_config("configs/tiny_test.yaml", ["model.base=nowhere", f"data.shards={tmp_path / 'shards'}",
                                                      f"output_dir={tmp_path / 'out'}"])
     AcceleratorState._reset_state(True)
     try:
-        with pytest.raises(UserError, match="FSDP version 1 cannot resume its optimizer state; set fsdp_version: 2"):
+        with pytest.raises(UserError, match=message):
             Trainer(config)
     finally:
         AcceleratorState._reset_state(True)

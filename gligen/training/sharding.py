@@ -47,15 +47,16 @@ def setup(accelerator: Accelerator, config: TrainConfig) -> None:
         accelerator.state.fsdp_plugin = plugin
     elif accelerator.distributed_type == DistributedType.MULTI_CPU and launched_with("DEEPSPEED"):
         plugin = DeepSpeedPlugin()  # from the launcher's ACCELERATE_DEEPSPEED_* variables
-        if plugin.zero_stage == 3:  # it would leave the adapter's weights partitioned where checkpoints read them
-            raise UserError("DeepSpeed ZeRO stage 3 is not supported (the adapter is small: stage 2 partitions its "
-                            "gradients and optimizer state); use configs/accelerate/deepspeed_zero2.yaml")
         plugin.set_mixed_precision(mixed_precision)
         plugin.select(_from_accelerator_state=True)
         switch(accelerator, DistributedType.DEEPSPEED)
         accelerator.state.deepspeed_plugins = plugin
         accelerator.state._mixed_precision = "no"  # DeepSpeed's config holds the precision, as accelerate sets it
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # ZeRO-3 would partition the adapter's weights, which checkpoints and the export read whole
+        if accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise UserError("DeepSpeed ZeRO stage 3 is not supported (the adapter is small: stage 2 partitions "
+                            "its gradients and optimizer state); use configs/accelerate/deepspeed_zero2.yaml")
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
         # DeepSpeed's own call, once per step: nothing a user can act on
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated")
@@ -65,11 +66,11 @@ def check_engine_files(checkpoint: Path) -> None:
     """Read DeepSpeed's engine files weights-only first (DeepSpeed itself unpickles them whole): no code runs
     from them, and a file that holds more than tensors, plain data and ZeRO's own state classes raises
     pickle.UnpicklingError."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
         for path in sorted(checkpoint.glob("pytorch_model*/*.pt")):
             torch.load(path, map_location="cpu", weights_only=True)
 
