@@ -30,6 +30,7 @@ from detector.box_ops import batched_nms
 from detector.detections import Detections
 from detector.exemplars import Exemplar, group_exemplars
 from gligen.errors import UserError, require
+from gligen.eval.annotations import is_number
 
 if TYPE_CHECKING:
     from detector.segment import Segmenter
@@ -75,7 +76,7 @@ class OpenSetDetector:
         for name in ("box_threshold", "text_threshold"):  # a checkpoint may name its own (the demo detector's)
             value = getattr(config, name, None)
             if value is not None:
-                require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1,
+                require(is_number(value) and 0 <= value <= 1,
                         f"{path}: config.json's '{name}' must be a number in [0, 1], got {value!r}")
                 setattr(detector, f"default_{name}", float(value))
         return detector

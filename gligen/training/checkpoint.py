@@ -11,8 +11,9 @@ R is each process's rank. accelerate writes what it wraps, which is the adapter 
 `model.GroundedUNet`); under FSDP (version 2) accelerate writes the adapter's and its optimizer's
 shards instead of `optimizer.bin` (`pytorch_model_fsdp_0/`, `optimizer_0/`: torch.distributed.checkpoint
 directories), and under DeepSpeed its engine files (`pytorch_model/`: the adapter's weights, and per process
-its ZeRO partition of the optimizer state), which are read weights-only before DeepSpeed loads them. A checkpoint is written into a hidden `.tmp-`
-directory renamed when complete, so an interrupted save leaves the previous one as the latest.
+its ZeRO partition of the optimizer state), which are read weights-only before DeepSpeed loads them. A
+checkpoint is written into a hidden `.tmp-` directory renamed when complete, so an interrupted save leaves
+the previous one as the latest.
 """
 
 from __future__ import annotations
