@@ -29,8 +29,7 @@ from PIL import Image
 from detector.box_ops import batched_nms
 from detector.detections import Detections
 from detector.exemplars import Exemplar, group_exemplars
-from gligen.errors import UserError, require
-from gligen.eval.annotations import is_number
+from gligen.errors import UserError, is_number, require
 
 if TYPE_CHECKING:
     from detector.segment import Segmenter

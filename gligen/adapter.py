@@ -27,7 +27,6 @@ from torch import nn
 
 from gligen.bundled import looks_like_repo_id
 from gligen.errors import UserError
-from gligen.eval.annotations import is_number
 from gligen.files import atomic_path, read_json, write_json
 from gligen.fuser import POSITION_OCTAVES, GatedSelfAttention, attach_fusers, block_shape, detach_fusers, transformer_blocks
 from gligen.grounding import GroundingInputs, TextBoxPositionNet, TextImageBoxPositionNet
@@ -130,8 +129,7 @@ class AdapterConfig:
             "base_model": (lambda v: v is None or isinstance(v, str), "a string or null"),
             "max_persons": (lambda v: v is None or _positive(v), "a positive integer or null"),
             "visual_positions": (lambda v: isinstance(v, bool), "true or false"),
-            "schedule": (lambda v: v is None or isinstance(v, list) and all(is_number(x) for x in v),
-                         "a list [a, b, c] of fractions or null"),
+            "schedule": (lambda v: v is None or isinstance(v, list), "a list [a, b, c] of fractions or null"),
         }
         for key, (valid, wanted) in checks.items():
             if key in data and not valid(data[key]):

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import errno
 import gc
+import math
 import os
 import signal
 import sys
@@ -45,6 +46,16 @@ def require(condition: bool, message: str) -> None:
     """Raise a `UserError` with `message` unless `condition` holds."""
     if not condition:
         raise UserError(message)
+
+
+def is_number(value: object) -> bool:
+    """A finite JSON number (not a boolean, NaN, an infinity or an integer too large for a float)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 @contextlib.contextmanager

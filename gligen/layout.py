@@ -23,14 +23,13 @@ A `.json` file holds one layout (or a list of them), a `.jsonl` file one layout 
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
-from gligen.errors import UserError
+from gligen.errors import UserError, is_number
 from gligen.pose import KEYPOINT_NAMES, NUM_KEYPOINTS, Keypoints, given_points
 from gligen.maps import CONDITION_TYPES, LABEL_TYPES
 
@@ -212,13 +211,7 @@ def _is_int(value: Any) -> bool:
 
 def _finite(value: Any) -> float | None:
     """`value` as a finite float, or None when it is no number (bools are none), NaN, infinite or too large."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
+    return float(value) if is_number(value) else None
 
 
 def _string(data: dict, key: str, where: str) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from gligen.errors import is_number
+
 KEYPOINT_NAMES = (
     "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
     "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip",
@@ -55,7 +57,7 @@ def coco_keypoints(flat: Any, width: float, height: float) -> Keypoints | None:
     """
     if not isinstance(flat, (list, tuple)) or len(flat) != 3 * NUM_KEYPOINTS:
         return None
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
+    if not all(is_number(v) for v in flat):
         return None
     points = []
     for k in range(NUM_KEYPOINTS):

@@ -8,10 +8,9 @@ A single `beta` is diffusers' `gligen_scheduled_sampling_beta`, i.e. `[beta, 0, 
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
-from gligen.errors import UserError
+from gligen.errors import UserError, is_number
 
 Schedule = tuple[float, float, float]
 DEFAULT_SCHEDULE: Schedule = (0.3, 0.0, 0.7)
@@ -19,7 +18,7 @@ DEFAULT_SCHEDULE: Schedule = (0.3, 0.0, 0.7)
 
 def schedule_from_beta(beta: float) -> Schedule:
     """`[beta, 0, 1 - beta]`: full grounding for the first `beta` of the steps, then none."""
-    if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
+    if not (is_number(beta) and 0.0 <= beta <= 1.0):
         raise UserError(f"beta must be in [0, 1], got {beta!r}")
     return (float(beta), 0.0, 1.0 - float(beta))
 
@@ -31,7 +30,7 @@ def parse_schedule(values: Sequence[float] | str) -> Schedule:
             values = [float(v) for v in values.split(",")]
         except ValueError:
             raise UserError(f"schedule {values!r} must be three numbers a,b,c") from None
-    if len(values) != 3 or not all(math.isfinite(v) and v >= 0 for v in values):
+    if len(values) != 3 or not all(is_number(v) and v >= 0 for v in values):
         raise UserError(f"schedule {list(values)} must be three non-negative fractions a,b,c")
     if abs(sum(values) - 1.0) > 1e-6:
         raise UserError(f"schedule {list(values)} must sum to 1, sums to {sum(values):g}")

@@ -51,8 +51,12 @@ def test_schedule_stages():
     assert parse_schedule("0.5,0.25,0.25") == (0.5, 0.25, 0.25)
     with pytest.raises(UserError, match="sum to 1"):
         parse_schedule("0.5,0.5,0.5")
-    with pytest.raises(UserError, match="beta"):
-        schedule_from_beta(1.5)
+    for beta in (1.5, float("nan"), True, "0.5"):
+        with pytest.raises(UserError, match="beta must be in"):
+            schedule_from_beta(beta)
+    for values in ([0.5, "0.5", 0.0], [0.5, float("nan"), 0.5], [1, None, 0]):
+        with pytest.raises(UserError, match="must be three non-negative fractions"):
+            parse_schedule(values)
 
 
 def _unet_inputs(batch=2):

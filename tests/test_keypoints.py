@@ -21,7 +21,7 @@ from gligen.draw import draw_layout
 from gligen.eval.metrics import KEYPOINT_STATS, keypoint_ap
 from gligen.grounding import STYLE_BOX, GroundingInputs
 from gligen.layout import Entity, Layout, LayoutError, load_layouts, save_layouts
-from gligen.pose import FLIP_INDEX, KEYPOINT_NAMES, SKELETON
+from gligen.pose import FLIP_INDEX, KEYPOINT_NAMES, SKELETON, coco_keypoints
 from gligen.training import Trainer
 from gligen.training.config import DataConfig
 from gligen.training.dataset import ShardDataset, augment
@@ -276,6 +276,14 @@ def test_from_coco_keypoints_writes_persons_with_their_keypoints(keypoint_run):
     merged = next(iter(ShardDataset(dataclasses.replace(config, shards=str(out)), batch_size=6, seed=0)))
     assert [[k is not None for k in persons] for persons in merged["keypoints"]] == \
         [[a["num_keypoints"] >= 3 for a in coco["annotations"] if a["image_id"] == image["id"]] for image in coco["images"]]
+
+
+def test_coco_keypoints_with_a_value_that_is_no_finite_number_are_malformed():
+    flat = [v for x, y in POSE for v in (x * 64, y * 32, 2)]
+    assert coco_keypoints(flat, 64, 32)[0] == pytest.approx((0.5, 0.15, 2))
+    for bad in (float("nan"), float("inf"), 10**400, "2", True, None):
+        assert coco_keypoints(flat[:2] + [bad] + flat[3:], 64, 32) is None, bad
+    assert coco_keypoints(flat[:-1], 64, 32) is None
 
 
 def test_flip_swaps_left_and_right_keypoints():

@@ -17,13 +17,12 @@ its map grounds it.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from gligen.errors import UserError
+from gligen.errors import UserError, is_number
 from gligen.files import read_json
 from gligen.layout import MAX_ENTITIES, Entity, Layout, load_layouts
 from gligen.pose import NUM_KEYPOINTS, Keypoints, coco_keypoints, given_points
@@ -226,16 +225,6 @@ def required(record: Any, key: str, where: str) -> Any:
     if key not in record:
         raise UserError(f"{where}: missing '{key}'")
     return record[key]
-
-
-def is_number(value: Any) -> bool:
-    """A finite JSON number (not a boolean, NaN, an infinity or an integer too large for a float)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
 
 
 def check_bbox(bbox: Any, where: str) -> list[float]:

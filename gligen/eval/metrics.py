@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 import faster_coco_eval
 
-from gligen.errors import UserError
-from gligen.eval.annotations import check_bbox, check_id, check_name, check_size, is_number, json_list, required, unique
+from gligen.errors import UserError, is_number
+from gligen.eval.annotations import check_bbox, check_id, check_name, check_size, json_list, required, unique
 
 COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 LVIS_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR300", "ARs", "ARm", "ARl")

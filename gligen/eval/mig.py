@@ -49,8 +49,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from gligen.draw import draw_boxes, make_grid
-from gligen.errors import UserError
-from gligen.eval.annotations import Category, EvalSet, Filters, Record, is_number, load_eval_set, unique
+from gligen.errors import UserError, is_number
+from gligen.eval.annotations import Category, EvalSet, Filters, Record, load_eval_set, unique
 from gligen.eval.score import DetectionSettings
 from gligen.files import open_image, read_text, save_image, write_json
 from gligen.masks import box_pixels

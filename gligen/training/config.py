@@ -19,7 +19,7 @@ from typing import Any, Literal, Sequence
 import yaml
 from accelerate.utils import LoggerType
 
-from gligen.errors import UserError
+from gligen.errors import UserError, is_number
 from gligen.schedule import parse_schedule
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"  # gligen/configs, shipped with the package
@@ -262,13 +262,15 @@ def _check(hint: Any, value: Any, key: str) -> Any:
         return [_check(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is type(None) and value is None:
         return None
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if hint is float and is_number(value):
         return float(value)
     if hint is float and isinstance(value, str):  # YAML 1.1 reads `5e-5` (no dot) as a string
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
-            pass
+            number = None
+        if is_number(number):
+            return number
     if hint in (int, str, bool) and type(value) is hint:
         return value
     raise UserError(f"config key {key}: {value!r} is not {_describe(hint)}")
