@@ -71,9 +71,9 @@ def fixed_batch_loss(model_dir: Path, data: Path) -> float:
 def test_train_detector_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--out", str(out), "--n-train", "8", "--n-eval", "4", "--steps", str(STEPS), "--minutes", "30",
-            "--batch-size", "2", "--lr", "3e-4", "--workers", "0", "--save-every", "12"]
+            "--batch-size", "2", "--lr", "3e-4", "--workers", "0", "--save-every", "12", "--resume"]
     with pytest.raises(SystemExit) as exit:
-        train_detector.main(args)
+        train_detector.main(args)  # --resume with nothing to resume starts the run, as train_base's does
     assert exit.value.code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     # the calibration measured a step time; 30 minutes fit all --steps
@@ -113,6 +113,11 @@ def test_train_detector_end_to_end(tmp_path, capsys):
     assert len(found) > 0 and set(found.labels) <= {"a red circle", "a blue star"}
     assert found.boxes.min() >= 0 and found.boxes.max() <= 1
 
+    # without --resume a finished run is not trained over
+    with pytest.raises(SystemExit) as exit:
+        train_detector.main([arg for arg in args if arg != "--resume"])
+    assert exit.value.code == 1
+    assert capsys.readouterr().err.strip().endswith(f"{out} holds a previous run; pass --resume to continue it or use an empty --out")
     # --resume keeps the data and the plan (no new calibration, the planned steps) and finds the run done
     mtime = (out / "data" / "train" / "instances.json").stat().st_mtime_ns
     with pytest.raises(SystemExit) as exit:

@@ -13,7 +13,9 @@
    many of its right boxes); then scored like `gligen eval score --real-images`: each held-out
    image's phrases detected, COCO AP against its boxes.
 
-Everything is written under DIR; a rerun reuses the data, and `--resume` continues the run:
+Everything is written under DIR. As `gligen.demo.train_base`, `--resume` continues the run in DIR from its
+newest checkpoint (or starts it: the same command serves both), reusing the data; without it a DIR that
+holds a run is refused:
 
     data/train/, data/heldout/   COCO images + instances.json
     initial/                     the detector before training
@@ -46,10 +48,11 @@ from detector.model import load_detector
 from detector.train import TrainConfig, save_detector, train
 from gligen.data.shapes import render, sample_scene, write_coco
 from gligen.demo.detector_model import save_initial_detector
-from gligen.errors import require, run_cli
+from gligen.errors import UserError, require, run_cli
 from gligen.eval.annotations import load_eval_set
 from gligen.eval.score import ScoreSettings, score_images
 from gligen.files import read_json, write_json
+from gligen.training import checkpoint
 
 CALIBRATION_STEPS = 30  # (at most a quarter of --steps) a --minutes budget times the steps after the first third
 EVAL_RESERVE_S = 30.0  # what a --minutes budget keeps for saving and scoring
@@ -159,6 +162,9 @@ def run(args: argparse.Namespace) -> None:
     require(args.n_train > 0 and args.n_eval > 0, "--n-train and --n-eval must be positive")
     require(args.minutes is None or args.minutes > 0, f"--minutes must be positive, got {args.minutes}")
     out = Path(args.out)
+    plan = out / "plan.json"
+    if plan.is_file() and not args.resume:
+        raise UserError(f"{out} holds a previous run; pass --resume to continue it or use an empty --out")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     train_data = make_data(out / "data" / "train", args.n_train, seed=0, size=args.shapes_size)
     heldout = make_data(out / "data" / "heldout", args.n_eval, seed=1, size=args.shapes_size)
@@ -172,14 +178,13 @@ def run(args: argparse.Namespace) -> None:
         backbone_lr_scale=1.0, mixed_precision=args.mixed_precision or ("bf16" if device == "cuda" else "no"),
         save_every=args.save_every, seed=args.seed, image_size=args.image_size, workers=args.workers,
     )
-    plan = out / "plan.json"
     if args.resume and plan.is_file():
         config = TrainConfig(**json.loads(plan.read_text()))
     else:
         config = replace(config, steps=plan_steps(args, config, started, out / "calibration"))
         write_json(plan, asdict(config))
     train_started = time.perf_counter()
-    losses = train(replace(config, resume=args.resume))
+    losses = train(replace(config, resume=args.resume and checkpoint.latest(Path(config.out)) is not None))
     train_s = time.perf_counter() - train_started
 
     eval_started = time.perf_counter()
@@ -232,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default: bf16 on a GPU, no on the CPU")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image loading processes")
     parser.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint (or start it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run)
     return parser
