@@ -29,9 +29,7 @@ timed() {  # timed NAME COMMAND...: run, log to OUT/logs/NAME.log, append the wa
 timed data $PY -m gligen.cli data shapes --n 30000 --size 64 --seed 0 --out "$OUT/data/shapes64"
 timed heldout $PY -m gligen.cli data shapes --n 200 --size 64 --seed 1 --format layouts --out "$OUT/data/heldout"
 
-resume=""  # the detector's trainer resumes only when told, and only from a checkpoint
-compgen -G "$OUT/detector/run/checkpoints/checkpoint-*" > /dev/null && resume=--resume
-timed detector $PY -m gligen.demo.train_detector --out "$OUT/detector" $resume --shapes-size 64 --image-size 128 \
+timed detector $PY -m gligen.demo.train_detector --out "$OUT/detector" --resume --shapes-size 64 --image-size 128 \
   --batch-size 16 --workers 1 --n-train 8000 --n-eval 200 --steps 2000 --save-every 250
 
 timed base $PY -m gligen.demo.train_base --data "$OUT/data/shapes64" --out "$OUT/base" --resume \
